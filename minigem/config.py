@@ -1,0 +1,277 @@
+"""Typed, validated configs: model, data, training stages and recipes.
+
+Configs are pydantic models with ``extra="forbid"``: an unknown key or a value of the wrong
+type fails at load time with the key's dotted path. Recipes are YAML files; dotted overrides
+(``training.stages.instruct.lr=1e-4``, ``model.llm.config.num_hidden_layers=2``) are applied to
+the raw mapping before validation. The resolved config is saved with every run and checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from minigem.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    """Base for all configs: unknown keys are errors; assignment is validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class VisionConfig(StrictModel):
+    """The low-res vision tower (a CLIP ViT)."""
+
+    type: Literal["clip"] = "clip"
+    path: str | None = None  # local CLIPVisionModel directory; else built from `config`
+    config: dict[str, Any] = Field(default_factory=dict)  # CLIPVisionConfig kwargs
+    select_layer: int = -2  # which hidden state: -2 = penultimate (LLaVA)
+    select_feature: Literal["patch", "cls_patch"] = "patch"
+    image_aspect: Literal["pad", "square"] = "pad"  # LLaVA `pad` to square with the mean colour
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+class VisionAuxConfig(StrictModel):
+    """The high-res tower (Mini-Gemini): a timm ConvNeXt."""
+
+    type: Literal["convnext"] = "convnext"
+    timm_name: str = "convnext_large"  # any timm ConvNeXt
+    path: str | None = None  # local timm / open_clip checkpoint file or directory
+    config: dict[str, Any] = Field(default_factory=dict)  # timm create_model kwargs (dims, depths)
+    image_size: int = 768  # HR input side
+
+
+class ConnectorConfig(StrictModel):
+    """Maps VisionFeatures to visual tokens in the LLM's width."""
+
+    type: Literal["linear", "mlp2x_gelu", "patch_mining"] = "mlp2x_gelu"
+    projector: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"  # final projector (patch_mining)
+
+
+class LLMConfig(StrictModel):
+    """Any HF causal LM: from a local directory, or built from an HF config."""
+
+    path: str | None = None
+    arch: str | None = None  # HF model_type (llama, qwen2, gemma, mistral, phi, ...) when building
+    config: dict[str, Any] = Field(default_factory=dict)  # HF config kwargs (override `path`'s)
+    init_std: float | None = None  # re-init std for a model built from scratch
+
+    @model_validator(mode="after")
+    def _source(self) -> LLMConfig:
+        if self.path is None and self.arch is None and "model_type" not in self.config:
+            raise ValueError("set `path` (a local model directory) or `arch` (an HF model_type)")
+        return self
+
+
+class MoEConfig(StrictModel):
+    """Sparse mixture-of-experts FFNs swapped into the LLM at build time (MoE-LLaVA)."""
+
+    num_experts: int = 4
+    top_k: int = 2
+    layers: Literal["sparse", "first_half", "second_half", "all"] | list[int] = "sparse"
+    capacity_factor: float | None = None  # None = dropless
+    eval_capacity_factor: float | None = None
+    min_capacity: int = 0
+    shared_expert: bool = False
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+
+
+class ModelConfig(StrictModel):
+    """A whole vision-language model."""
+
+    vision: VisionConfig = Field(default_factory=VisionConfig)
+    vision_aux: VisionAuxConfig | None = None
+    connector: ConnectorConfig = Field(default_factory=ConnectorConfig)
+    llm: LLMConfig
+    moe: MoEConfig | None = None
+    tokenizer: str | None = None  # tokenizer directory; defaults to llm.path
+    template: str = "vicuna_v1"  # a template name, or "jinja" to use the tokenizer's chat_template
+    system_prompt: str | None = None  # overrides the template's default system prompt
+    image_token: str = "<image>"
+    max_length: int = 2048
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class SynthConfig(StrictModel):
+    """Samples from the synthetic world, generated on the fly (deterministic per index)."""
+
+    n: int = Field(10000, gt=0)
+    seed: int = 0
+    image_size: int = 128
+    tasks: list[str] | None = None  # categories to draw from; None = all
+
+
+class DataConfig(StrictModel):
+    path: str | None = None  # LLaVA JSON or JSONL
+    image_folder: str | None = None
+    synth: SynthConfig | None = None
+    skip_bad: bool = False
+    template: str | None = None  # overrides the model's template (e.g. "plain" for align)
+
+    @model_validator(mode="after")
+    def _source(self) -> DataConfig:
+        if (self.path is None) == (self.synth is None):
+            raise ValueError("set exactly one of `path` (LLaVA JSON) or `synth`")
+        return self
+
+
+# ----------------------------------------------------------------------------- training
+
+Component = Literal["vision", "vision_aux", "connector", "mining", "projector", "llm", "moe"]
+
+
+class StageConfig(StrictModel):
+    """One training stage: what trains, on which data, with which optimiser settings."""
+
+    name: str
+    kind: Literal["lm", "contrastive"] = "lm"
+    train: list[Component]
+    data: DataConfig
+    eval_data: DataConfig | None = None
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    steps: int | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    max_grad_norm: float | None = 1.0
+    upcycle: bool = False  # dense -> MoE transition at the start of this stage
+
+    @model_validator(mode="after")
+    def _budget(self) -> StageConfig:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of `steps` or `epochs`")
+        return self
+
+
+class TrainingConfig(StrictModel):
+    output_dir: str = "runs/minigem"
+    seed: int = 0
+    bf16: Literal["auto", "on", "off"] = "auto"
+    gradient_checkpointing: bool = False
+    log_every: int = Field(10, gt=0)
+    save_every: int = Field(500, gt=0)  # optimizer steps between checkpoints
+    eval_every: int | None = None
+    num_workers: int = Field(0, ge=0)
+    stages: list[StageConfig] = Field(min_length=1)
+
+
+class RecipeConfig(StrictModel):
+    """A recipe: a model and the stages that train it."""
+
+    model: ModelConfig
+    training: TrainingConfig
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def validate(cls: type[BaseModel], data: dict[str, Any], source: str = "config") -> Any:
+    """Validate a raw mapping as `cls`, raising ConfigError with key paths."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``a.b.c=value`` override in place.
+
+    List elements are addressed by index or, for lists of mappings with a ``name``, by name.
+    """
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE (e.g. training.seed=1)")
+    key, _, raw = override.partition("=")
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        node = _step(node, part, ".".join(parts[: i + 1]), create=True)
+    last = parts[-1]
+    value = _parse_value(raw)
+    if isinstance(node, list):
+        node[_list_index(node, last, key)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"override {key}: {'.'.join(parts[:-1])} is not a mapping")
+
+
+def _list_index(node: list[Any], part: str, path: str) -> int:
+    if part.lstrip("-").isdigit():
+        idx = int(part)
+        if not -len(node) <= idx < len(node):
+            raise ConfigError(f"override {path}: index {idx} out of range (len {len(node)})")
+        return idx
+    for i, item in enumerate(node):
+        if isinstance(item, dict) and item.get("name") == part:
+            return i
+    names = [item.get("name") for item in node if isinstance(item, dict)]
+    raise ConfigError(f"override {path}: no list element named {part!r}; names: {names}")
+
+
+def _step(node: Any, part: str, path: str, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_list_index(node, part, path)]
+    if isinstance(node, dict):
+        if part not in node or node[part] is None:
+            if not create:
+                raise ConfigError(f"override {path}: no such key")
+            node[part] = {}
+        return node[part]
+    raise ConfigError(f"override {path}: cannot index into a {type(node).__name__}")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    """Load a recipe YAML, apply dotted overrides, validate."""
+    data = read_yaml(path)
+    for ov in overrides or []:
+        apply_override(data, ov)
+    return validate(RecipeConfig, data, str(path))
+
+
+def dump_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
