@@ -47,6 +47,8 @@ class VisionAuxConfig(StrictModel):
     path: str | None = None  # local timm / open_clip checkpoint file or directory
     config: dict[str, Any] = Field(default_factory=dict)  # timm create_model kwargs (dims, depths)
     image_size: int = 768  # HR input side
+    image_grid: int = 1  # HD token extension: 2 = 2x2 LR crops (Mini-Gemini HD)
+    image_global: bool = False  # HD: add a global LR view before the crops
 
 
 class ConnectorConfig(StrictModel):
