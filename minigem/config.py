@@ -87,6 +87,13 @@ class MoEConfig(StrictModel):
     z_loss_coef: float = 0.0
 
 
+class TokenizerTrainConfig(StrictModel):
+    """Train a small BPE tokenizer at build time (for models built from scratch)."""
+
+    corpus: Literal["synth"] = "synth"  # the synthetic world's texts + the template's markers
+    vocab_size: int = Field(512, ge=64)
+
+
 class ModelConfig(StrictModel):
     """A whole vision-language model."""
 
@@ -96,6 +103,7 @@ class ModelConfig(StrictModel):
     llm: LLMConfig
     moe: MoEConfig | None = None
     tokenizer: str | None = None  # tokenizer directory; defaults to llm.path
+    tokenizer_train: TokenizerTrainConfig | None = None  # or train one (when `tokenizer` is unset)
     template: str = "vicuna_v1"  # a template name, or "jinja" to use the tokenizer's chat_template
     system_prompt: str | None = None  # overrides the template's default system prompt
     image_token: str = "<image>"
@@ -133,6 +141,17 @@ class DataConfig(StrictModel):
 Component = Literal["vision", "vision_aux", "connector", "mining", "projector", "llm", "moe"]
 
 
+class ContrastiveConfig(StrictModel):
+    """The throwaway text encoder and heads of a `contrastive` (CLIP-style) stage."""
+
+    embed_dim: int = 128
+    text_width: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    max_text_tokens: int = 96
+    temperature: float = 0.07  # initial; learnable
+
+
 class StageConfig(StrictModel):
     """One training stage: what trains, on which data, with which optimiser settings."""
 
@@ -151,6 +170,7 @@ class StageConfig(StrictModel):
     epochs: float | None = Field(None, gt=0)
     max_grad_norm: float | None = 1.0
     upcycle: bool = False  # dense -> MoE transition at the start of this stage
+    contrastive: ContrastiveConfig = Field(default_factory=ContrastiveConfig)  # kind=contrastive
 
     @model_validator(mode="after")
     def _budget(self) -> StageConfig:

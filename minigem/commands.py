@@ -1,0 +1,174 @@
+"""Handlers for the `minigem` CLI verbs (argument parsing lives in cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from minigem.errors import DataError, MinigemError
+
+EXAMPLES = Path(__file__).resolve().parent / "assets" / "examples"
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image file, with a clear error naming the file."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"image file not found: {p}")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read image {p}: {err}") from None
+
+
+def load(path: str | None):
+    from minigem.checkpoints.native import load_model
+
+    return load_model(path)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    folder = Path(args.examples) if args.examples else EXAMPLES
+    qfile = folder / "questions.json"
+    if not qfile.is_file():
+        raise MinigemError(f"{qfile}: no examples file")
+    model = load(None)
+    print(f"minigem demo: bundled model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
+    for item in json.loads(qfile.read_text()):
+        image = open_image(folder / item["image"])
+        answers = model.chat_batch([(image, q) for q in item["questions"]], max_new_tokens=64)
+        print(f"\n[{item['image']}]")
+        for q, a in zip(item["questions"], answers, strict=True):
+            print(f"  Q: {q}\n  A: {a}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    model = load(args.model)
+    images = [open_image(p) for p in args.image]
+    gen = {**_gen(args), "system": args.system}
+    if args.question is not None:
+        text = model.chat_batch([(images, args.question)], **gen)[0]
+        if args.json:
+            print(json.dumps({"text": text}, ensure_ascii=False))
+        else:
+            print(text)
+        return 0
+    return interactive(model, images, gen)
+
+
+def _gen(args: argparse.Namespace) -> dict:
+    from minigem.cli import _gen_kwargs
+
+    return _gen_kwargs(args)
+
+
+def interactive(model, images: list[Image.Image], gen: dict) -> int:
+    """A multi-turn terminal chat. Commands: /image PATH, /reset, /quit."""
+    from minigem.data.records import Message
+
+    print("minigem chat. /image PATH adds an image, /reset starts over, /quit exits.")
+    history: list[Message] = []
+    pending = list(images)
+    used: list[Image.Image] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            history, pending, used = [], [], []
+            print("(conversation cleared)")
+            continue
+        if line.startswith("/image"):
+            try:
+                pending.append(open_image(line.split(maxsplit=1)[1]))
+                print(f"(image added; {len(pending)} pending)")
+            except (IndexError, MinigemError) as err:
+                print(f"error: {err if not isinstance(err, IndexError) else 'usage: /image PATH'}")
+            continue
+        tok = model.config.image_token
+        content = (tok + "\n") * len(pending) + line if tok not in line else line
+        history.append(Message("user", content))
+        used += pending
+        pending = []
+        try:
+            answer = model.chat_batch([(used, history)], **gen)[0]
+        except MinigemError as err:
+            history.pop()
+            print(f"error: {err}")
+            continue
+        history.append(Message("assistant", answer))
+        print(f"minigem> {answer}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from minigem.config import load_recipe
+    from minigem.training.build import build_for_recipe
+    from minigem.training.loop import Trainer
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    model = build_for_recipe(recipe)
+    trainer = Trainer(recipe, model)
+    final = trainer.run(resume=args.resume, stop_after=args.stop_after)
+    print(f"checkpoint: {final}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from minigem.data.llava_json import LlavaJsonDataset
+    from minigem.evaluation.runner import evaluate
+
+    model = load(args.model)
+    source = LlavaJsonDataset(args.data, args.image_folder, image_token=model.config.image_token)
+    report = evaluate(model, source, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                      limit=args.limit)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.format())
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from minigem.data.synth import CATEGORIES, write_dataset
+
+    tasks = None
+    if args.tasks:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        bad = [t for t in tasks if t not in CATEGORIES]
+        if bad:
+            raise MinigemError(f"--tasks: unknown categories {bad}; valid: {', '.join(CATEGORIES)}")
+    if args.n < 1:
+        raise MinigemError("--n must be at least 1")
+    path = write_dataset(args.out, args.n, args.seed, args.image_size, tasks)
+    print(f"wrote {args.n} records to {path}", file=sys.stderr)
+    print(path)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from minigem.checkpoints import hf_llava
+
+    out = hf_llava.import_hf_llava(args.src, args.dst)
+    print(out)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from minigem.checkpoints import hf_llava
+
+    out = hf_llava.export_hf_llava(args.src, args.dst)
+    print(out)
+    return 0

@@ -1,0 +1,408 @@
+"""The synthetic world: deterministic scenes of coloured shapes with questions and answers.
+
+Used to train and evaluate tiny VLMs on CPU, on the fly (`SynthSource`) or written to disk
+in LLaVA format (`write_dataset`). A scene is 1-4 objects on a 3x3 grid (at most one per
+cell, every colour+shape pair unique in a scene); some objects carry a tiny glyph drawn with
+the bitmap font below, legible at the full image size but not after a 4x downscale (the
+low-res input), which is what a high-res vision branch is for. Everything is a pure function
+of ``(seed, index)``: the same arguments give the same scene, text and image bytes.
+See docs/synthetic-world.md.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from minigem.data.records import Message, Sample
+from minigem.errors import DataError
+
+CATEGORIES: tuple[str, ...] = (
+    "caption", "color", "shape", "count", "position", "existence", "glyph", "conversation",
+)
+# Fixed mix of categories (renormalised over the `tasks` a caller keeps).
+MIX: dict[str, float] = {
+    "caption": 0.15, "color": 0.1, "shape": 0.1, "count": 0.1, "position": 0.1,
+    "existence": 0.1, "glyph": 0.15, "conversation": 0.2,
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+    "yellow": (240, 210, 30), "purple": (140, 60, 190), "orange": (250, 140, 20),
+}
+# Glyph ink: white on dark fills, black on light ones (always high contrast).
+INK: dict[str, tuple[int, int, int]] = {
+    c: (0, 0, 0) if c in ("yellow", "orange") else (255, 255, 255) for c in COLORS
+}
+SIZES: dict[str, float] = {"small": 0.55, "large": 0.8}  # shape extent / cell side
+# Cell k = 3 * row + col, row 0 at the top.
+POSITIONS: tuple[str, ...] = (
+    "top left", "top", "top right", "left", "center", "right",
+    "bottom left", "bottom", "bottom right",
+)
+GLYPH_SCENE_P = 0.4  # fraction of scenes (outside the `glyph` category) with glyphs
+# 5x7 bitmap font (rows top to bottom, "1" = ink). Answers are the lower-case key.
+FONT: dict[str, tuple[str, ...]] = {
+    "0": ("01110", "10001", "10011", "10101", "11001", "10001", "01110"),
+    "1": ("00100", "01100", "00100", "00100", "00100", "00100", "01110"),
+    "2": ("01110", "10001", "00001", "00010", "00100", "01000", "11111"),
+    "3": ("11111", "00010", "00100", "00010", "00001", "10001", "01110"),
+    "4": ("00010", "00110", "01010", "10010", "11111", "00010", "00010"),
+    "5": ("11111", "10000", "11110", "00001", "00001", "10001", "01110"),
+    "6": ("00110", "01000", "10000", "11110", "10001", "10001", "01110"),
+    "7": ("11111", "00001", "00010", "00100", "01000", "01000", "01000"),
+    "8": ("01110", "10001", "10001", "01110", "10001", "10001", "01110"),
+    "9": ("01110", "10001", "10001", "01111", "00001", "00010", "01100"),
+    "a": ("01110", "10001", "10001", "11111", "10001", "10001", "10001"),
+    "c": ("01110", "10001", "10000", "10000", "10000", "10001", "01110"),
+    "e": ("11111", "10000", "10000", "11110", "10000", "10000", "11111"),
+    "h": ("10001", "10001", "10001", "11111", "10001", "10001", "10001"),
+    "k": ("10001", "10010", "10100", "11000", "10100", "10010", "10001"),
+    "x": ("10001", "10001", "01010", "00100", "01010", "10001", "10001"),
+}
+GLYPHS: tuple[str, ...] = tuple(FONT)
+# One font dot = GLYPH_DOT image pixels at every image size. Legibility after a 4x downscale
+# depends only on GLYPH_DOT / 4 (LR pixels per dot): at 1 a nearest-template reader is at
+# chance on the LR image, at 2 it already reads ~20-30% (see docs/synthetic-world.md).
+GLYPH_DOT = 1
+MIN_IMAGE_SIZE = 96  # below this a glyph no longer fits inside a small triangle
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    color: str
+    size: str  # "small" | "large"
+    cell: int  # 0..8, row-major from the top left
+    glyph: str | None = None
+    jx: float = 0.0  # jitter inside the cell, in [-1, 1] of the free margin
+    jy: float = 0.0
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[self.cell]
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Obj, ...]  # sorted by cell
+    background: tuple[int, int, int]
+
+
+# ---------------------------------------------------------------- scenes and rendering
+
+
+def make_scene(rng: random.Random, *, need_glyph: bool = False) -> Scene:
+    """Draw a scene from `rng` (a `random.Random`); `need_glyph` forces at least one glyph."""
+    n = rng.randint(1, 4)
+    cells = sorted(rng.sample(range(9), n))
+    kinds = rng.sample([(s, c) for s in SHAPES for c in COLORS], n)
+    glyphed = [False] * n
+    if need_glyph or rng.random() < GLYPH_SCENE_P:
+        glyphed = [rng.random() < 0.5 for _ in range(n)]
+        glyphed[rng.randrange(n)] = True
+    objs = tuple(
+        Obj(shape=s, color=c, size=rng.choice(("small", "large")), cell=cell,
+            glyph=rng.choice(GLYPHS) if g else None,
+            jx=rng.uniform(-1, 1), jy=rng.uniform(-1, 1))
+        for cell, (s, c), g in zip(cells, kinds, glyphed, strict=True)
+    )
+    base = rng.randint(230, 248)
+    bg = tuple(min(255, base + rng.randint(-4, 4)) for _ in range(3))
+    return Scene(objects=objs, background=bg)  # type: ignore[arg-type]
+
+
+def _geometry(obj: Obj, image_size: int) -> tuple[float, float, float]:
+    """Centre x, y and extent (px) of an object's bounding box."""
+    cell = image_size / 3
+    extent = SIZES[obj.size] * cell
+    slack = 0.7 * (cell - extent) / 2  # keeps >= 1 px of background between cells
+    cx = (obj.cell % 3 + 0.5) * cell + obj.jx * slack
+    cy = (obj.cell // 3 + 0.5) * cell + obj.jy * slack
+    return cx, cy, extent
+
+
+def glyph_box(obj: Obj, image_size: int) -> tuple[int, int, int, int]:
+    """Pixel box (left, top, right, bottom) of `obj`'s glyph; exclusive right/bottom."""
+    cx, cy, h = _geometry(obj, image_size)
+    if obj.shape == "triangle":  # centre the glyph on the incircle
+        side = (h * h + h * h / 4) ** 0.5
+        cy = cy + h / 2 - (h * h / 2) / ((h + 2 * side) / 2)
+    s = GLYPH_DOT
+    left, top = round(cx - 2.5 * s), round(cy - 3.5 * s)
+    return left, top, left + 5 * s, top + 7 * s
+
+
+@lru_cache(maxsize=256)
+def glyph_mask(glyph: str, scale: int) -> Image.Image:
+    """The glyph as an "L" mask (255 = ink), 5*scale x 7*scale pixels."""
+    rows = FONT[glyph]
+    data = bytes(255 if ch == "1" else 0 for row in rows for ch in row)
+    return Image.frombytes("L", (5, 7), data).resize((5 * scale, 7 * scale), Image.NEAREST)
+
+
+def render(scene: Scene, image_size: int) -> Image.Image:
+    """Draw `scene` as an RGB image of `image_size` x `image_size` pixels."""
+    if image_size < MIN_IMAGE_SIZE:
+        raise DataError(f"synthetic image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
+    img = Image.new("RGB", (image_size, image_size), scene.background)
+    draw = ImageDraw.Draw(img)
+    for obj in scene.objects:
+        cx, cy, h = _geometry(obj, image_size)
+        fill = COLORS[obj.color]
+        r = h / 2
+        if obj.shape == "circle":
+            draw.ellipse([round(cx - r), round(cy - r), round(cx + r), round(cy + r)], fill=fill)
+        elif obj.shape == "square":
+            q = 0.9 * r  # slightly smaller than the circle so areas are comparable
+            draw.rectangle([round(cx - q), round(cy - q), round(cx + q), round(cy + q)], fill=fill)
+        elif obj.shape == "triangle":
+            pts = [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+            draw.polygon([(round(x), round(y)) for x, y in pts], fill=fill)
+        else:  # diamond
+            pts = [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
+            draw.polygon([(round(x), round(y)) for x, y in pts], fill=fill)
+        if obj.glyph is not None:
+            left, top, _, _ = glyph_box(obj, image_size)
+            draw.bitmap((left, top), glyph_mask(obj.glyph, GLYPH_DOT),
+                        fill=INK[obj.color])
+    return img
+
+
+# ---------------------------------------------------------------- text
+
+
+def _describe(obj: Obj) -> str:
+    mark = f" marked {obj.glyph}" if obj.glyph is not None else ""
+    return f"a {obj.size} {obj.color} {obj.shape}{mark} at the {obj.position}"
+
+
+def caption(scene: Scene) -> str:
+    """Complete description: count, then every object in grid order (size, colour, shape,
+    glyph, position)."""
+    parts = [_describe(o) for o in scene.objects]
+    n = len(parts)
+    head = "There is 1 object: " if n == 1 else f"There are {n} objects: "
+    body = parts[0] if n == 1 else ", ".join(parts[:-1]) + ", and " + parts[-1]
+    return head + body + "."
+
+
+QA = tuple[str, str]
+
+
+def _ask_color(scene: Scene, rng: random.Random) -> QA | None:
+    shapes = [o.shape for o in scene.objects]
+    unique = [o for o in scene.objects if shapes.count(o.shape) == 1]
+    if not unique:
+        return None
+    o = rng.choice(unique)
+    return f"What color is the {o.shape}?", o.color
+
+
+def _ask_shape(scene: Scene, rng: random.Random) -> QA | None:
+    colors = [o.color for o in scene.objects]
+    unique = [o for o in scene.objects if colors.count(o.color) == 1]
+    if not unique:
+        return None
+    o = rng.choice(unique)
+    return f"What shape is the {o.color} object?", o.shape
+
+
+def _ask_count(scene: Scene, rng: random.Random) -> QA:
+    kind = rng.randrange(3)
+    if kind == 0:
+        return "How many objects are there?", str(len(scene.objects))
+    if kind == 1:
+        shape = rng.choice(SHAPES)
+        return f"How many {shape}s are there?", str(sum(o.shape == shape for o in scene.objects))
+    color = rng.choice(tuple(COLORS))
+    n = sum(o.color == color for o in scene.objects)
+    return f"How many {color} objects are there?", str(n)
+
+
+def _ask_position(scene: Scene, rng: random.Random) -> QA:
+    o = rng.choice(scene.objects)
+    return f"Where is the {o.color} {o.shape}?", o.position
+
+
+def _ask_existence(scene: Scene, rng: random.Random) -> QA:
+    present = {(o.color, o.shape) for o in scene.objects}
+    if rng.random() < 0.5:
+        color, shape = rng.choice(sorted(present))
+        return f"Is there a {color} {shape}?", "yes"
+    absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+    color, shape = rng.choice(absent)
+    return f"Is there a {color} {shape}?", "no"
+
+
+def _ask_glyph(scene: Scene, rng: random.Random) -> QA | None:
+    marked = [o for o in scene.objects if o.glyph is not None]
+    if not marked:
+        return None
+    o = rng.choice(marked)
+    return f"What is written on the {o.color} {o.shape}?", o.glyph  # type: ignore[return-value]
+
+
+ASKERS: dict[str, Callable[[Scene, random.Random], QA | None]] = {
+    "color": _ask_color, "shape": _ask_shape, "count": _ask_count,
+    "position": _ask_position, "existence": _ask_existence, "glyph": _ask_glyph,
+}
+CAPTION_PROMPT = "Describe the image in detail."
+
+
+def _conversation(scene: Scene, rng: random.Random) -> list[QA]:
+    turns: list[QA] = []
+    want = rng.randint(2, 4)
+    for _ in range(20):  # a few tries: some kinds do not apply, questions must not repeat
+        qa = ASKERS[rng.choice(tuple(ASKERS))](scene, rng)
+        if qa is not None and all(qa[0] != q for q, _ in turns):
+            turns.append(qa)
+        if len(turns) == want:
+            break
+    return turns
+
+
+def _check_tasks(tasks: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    if tasks is None:
+        return CATEGORIES
+    bad = [t for t in tasks if t not in CATEGORIES]
+    if bad or not tasks:
+        raise DataError(f"unknown synthetic task(s) {bad or '[] (empty)'}; valid: {list(CATEGORIES)}")
+    return tuple(dict.fromkeys(tasks))
+
+
+def make_conversation(
+    index: int, seed: int, tasks: list[str] | None = None
+) -> tuple[Scene, str, list[Message]]:
+    """The scene, category and messages of record `index` (everything but the pixels)."""
+    keep = _check_tasks(tasks)
+    rng = random.Random(f"minigem-synth/{seed}/{index}")
+    category = rng.choices(keep, weights=[MIX[c] for c in keep])[0]
+    for _ in range(50):
+        scene = make_scene(rng, need_glyph=category == "glyph")
+        if category == "caption":
+            turns: list[QA] = [(CAPTION_PROMPT, caption(scene))]
+        elif category == "conversation":
+            turns = _conversation(scene, rng)
+        else:
+            qa = ASKERS[category](scene, rng)
+            turns = [qa] if qa is not None else []
+        if turns:
+            break
+    else:  # pragma: no cover - every category applies to a single-object scene
+        raise RuntimeError(f"could not build a {category} record for index {index}")
+    messages: list[Message] = []
+    for k, (q, a) in enumerate(turns):
+        messages.append(Message("user", ("<image>\n" if k == 0 else "") + q))
+        messages.append(Message("assistant", a))
+    return scene, category, messages
+
+
+def make_sample(
+    index: int, seed: int, image_size: int = 128, tasks: list[str] | None = None
+) -> Sample:
+    """Record `index` of the world with this seed: one image, deterministic in (seed, index)."""
+    scene, category, messages = make_conversation(index, seed, tasks)
+    return Sample(
+        id=f"synth-{seed}-{index:07d}", messages=messages, images=[render(scene, image_size)],
+        category=category, source=f"synth(seed={seed})",
+    )
+
+
+class SynthSource:
+    """An on-the-fly dataset of `n` synthetic Samples (index i -> make_sample(i, seed, ...))."""
+
+    def __init__(self, n: int, seed: int, image_size: int = 128, tasks: list[str] | None = None):
+        if n < 0:
+            raise DataError(f"synthetic dataset size must be >= 0, got {n}")
+        if image_size < MIN_IMAGE_SIZE:
+            raise DataError(f"synthetic image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
+        self.n, self.seed, self.image_size = n, seed, image_size
+        self.tasks = list(_check_tasks(tasks))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Sample:
+        if not -self.n <= i < self.n:
+            raise IndexError(f"index {i} out of range for SynthSource of size {self.n}")
+        return make_sample(i % self.n, self.seed, self.image_size, self.tasks)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_llava(sample: Sample, image: str) -> dict:
+    """A LLaVA-format record ({"id", "image", "category", "conversations"})."""
+    who = {"user": "human", "assistant": "gpt"}
+    return {
+        "id": sample.id, "image": image, "category": sample.category,
+        "conversations": [{"from": who[m.role], "value": m.content} for m in sample.messages],
+    }
+
+
+def write_dataset(
+    out_dir: str | os.PathLike, n: int, seed: int, image_size: int = 128,
+    tasks: list[str] | None = None,
+) -> Path:
+    """Write `out_dir/images/<id>.png` and then `out_dir/data.json`; returns data.json's path.
+
+    Every file is written to a temp file and renamed, data.json last, so a data.json on disk
+    always describes a complete set of images.
+    """
+    source = SynthSource(n, seed, image_size, tasks)
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        sample = source[i]
+        rel = f"images/{sample.id}.png"
+        buf = _png_bytes(sample.images[0])
+        _atomic_write(out / rel, buf)
+        records.append(to_llava(sample, rel))
+    path = out / "data.json"
+    _atomic_write(path, (json.dumps(records, indent=1, ensure_ascii=False) + "\n").encode())
+    return path
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def world_texts() -> list[str]:
+    """Every word and phrase the world can produce, every question, and sample captions."""
+    texts: list[str] = [CAPTION_PROMPT, "How many objects are there?", "yes", "no"]
+    texts += list(COLORS) + list(SHAPES) + [f"{s}s" for s in SHAPES] + list(SIZES)
+    texts += list(POSITIONS) + list(GLYPHS) + [str(k) for k in range(10)]
+    texts += [f"What color is the {s}?" for s in SHAPES]
+    texts += [f"How many {s}s are there?" for s in SHAPES]
+    for c in COLORS:
+        texts += [f"What shape is the {c} object?", f"How many {c} objects are there?"]
+        for s in SHAPES:
+            texts += [f"Where is the {c} {s}?", f"Is there a {c} {s}?",
+                      f"What is written on the {c} {s}?"]
+    rng = random.Random("minigem-synth/world-texts")
+    texts += [caption(make_scene(rng)) for _ in range(256)]
+    return list(dict.fromkeys(texts))

@@ -1,0 +1,74 @@
+"""Evaluate a model on LLaVA-format records: accuracy overall and per category.
+
+The last assistant turn of each record is the reference; everything before it is the
+prompt. Short-answer categories are scored by normalised exact match; long-form ones
+(`caption`, `conversation`, or any answer longer than a few words without a category)
+are reported separately with token F1, never mixed into the accuracy.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from minigem.evaluation.metrics import exact_match, token_f1
+
+LONG_FORM = {"caption", "conversation"}
+
+
+@dataclass
+class EvalReport:
+    accuracy: float  # over short-answer records
+    n_scored: int
+    per_category: dict[str, dict[str, float]] = field(default_factory=dict)  # acc, n
+    long_form: dict[str, dict[str, float]] = field(default_factory=dict)  # f1, n
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "n_scored": self.n_scored,
+                "per_category": self.per_category, "long_form": self.long_form}
+
+    def format(self) -> str:
+        lines = [f"accuracy {self.accuracy:.1%} on {self.n_scored} short-answer records"]
+        for cat, r in sorted(self.per_category.items()):
+            lines.append(f"  {cat:<12} {r['accuracy']:.1%}  (n={int(r['n'])})")
+        for cat, r in sorted(self.long_form.items()):
+            lines.append(f"  {cat:<12} token F1 {r['f1']:.3f}  (n={int(r['n'])}, not exact-match scored)")
+        return "\n".join(lines)
+
+
+def evaluate(model, source, batch_size: int = 16, max_new_tokens: int = 24,
+             limit: int | None = None, keep_examples: int = 0) -> EvalReport:
+    """Greedy-decode each record's last answer and score it."""
+    n = len(source) if limit is None else min(limit, len(source))
+    hits: dict[str, list[bool]] = defaultdict(list)
+    f1s: dict[str, list[float]] = defaultdict(list)
+    examples = []
+    was_training = model.training
+    model.eval()
+    for lo in range(0, n, batch_size):
+        samples = [source[i] for i in range(lo, min(n, lo + batch_size))]
+        requests = []
+        for s in samples:
+            last = max(i for i, m in enumerate(s.messages) if m.role == "assistant")
+            requests.append((s.images, s.messages[:last]))
+        preds = model.chat_batch(requests, max_new_tokens=max_new_tokens, temperature=0.0)
+        for s, pred in zip(samples, preds, strict=True):
+            ref = next(m.content for m in reversed(s.messages) if m.role == "assistant")
+            cat = s.category or "uncategorised"
+            long_form = cat in LONG_FORM or (s.category is None and len(ref.split()) > 3)
+            if long_form:
+                f1s[cat].append(token_f1(pred, ref))
+            else:
+                hits[cat].append(exact_match(pred, ref))
+            if len(examples) < keep_examples:
+                examples.append({"id": s.id, "category": cat, "prediction": pred, "reference": ref})
+    model.train(was_training)
+    scored = [h for v in hits.values() for h in v]
+    return EvalReport(
+        accuracy=sum(scored) / len(scored) if scored else 0.0,
+        n_scored=len(scored),
+        per_category={c: {"accuracy": sum(v) / len(v), "n": len(v)} for c, v in hits.items()},
+        long_form={c: {"f1": sum(v) / len(v), "n": len(v)} for c, v in f1s.items()},
+        examples=examples,
+    )

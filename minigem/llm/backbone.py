@@ -1,0 +1,65 @@
+"""The language model: any HF causal LM, built from a config or loaded from a local directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from minigem.config import LLMConfig
+from minigem.errors import CheckpointError, ConfigError
+
+
+def llm_hf_config(cfg: LLMConfig) -> PretrainedConfig:
+    """The HF config for `cfg`: a local directory's, or one built for `arch`, plus overrides."""
+    values = dict(cfg.config)
+    if cfg.path is not None:
+        path = Path(cfg.path)
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"model.llm.path: {path} is not a model directory (no config.json)")
+        hf = AutoConfig.from_pretrained(path)
+        _check_keys(hf, values)
+        for k, v in values.items():
+            setattr(hf, k, v)
+        return hf
+    arch = cfg.arch or values.pop("model_type")
+    values.pop("model_type", None)
+    try:
+        default = AutoConfig.for_model(arch)
+    except ValueError:
+        raise ConfigError(f"model.llm.arch: unknown HF model_type {arch!r}") from None
+    _check_keys(default, values)
+    return AutoConfig.for_model(arch, **values)
+
+
+def _check_keys(hf: PretrainedConfig, values: dict) -> None:
+    unknown = [k for k in values if not hasattr(hf, k)]
+    if unknown:
+        raise ConfigError(
+            f"model.llm.config: unknown {type(hf).__name__} keys: {', '.join(sorted(unknown))}"
+        )
+
+
+def build_llm(cfg: LLMConfig, vocab_size: int | None = None) -> PreTrainedModel:
+    """Build (random init) or load the causal LM; grow the vocabulary to `vocab_size` if needed."""
+    hf = llm_hf_config(cfg)
+    if cfg.path is not None:
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, config=hf, dtype=torch.float32)
+    else:
+        if vocab_size is not None:
+            hf.vocab_size = vocab_size
+        model = AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
+        if cfg.init_std is not None:
+            _reinit(model, cfg.init_std)
+    if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    return model
+
+
+def _reinit(model: torch.nn.Module, std: float) -> None:
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear | torch.nn.Embedding):
+            torch.nn.init.normal_(mod.weight, std=std)
+            if getattr(mod, "bias", None) is not None:
+                torch.nn.init.zeros_(mod.bias)

@@ -1,0 +1,62 @@
+"""Build the model a recipe starts from (tokenizer + components), deterministically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from minigem.config import ModelConfig, RecipeConfig
+from minigem.errors import CheckpointError
+
+
+def load_recipe_tokenizer(cfg: ModelConfig):
+    """The tokenizer named by `model.tokenizer`, else the LLM directory's."""
+    from transformers import AutoTokenizer
+
+    src = cfg.tokenizer or cfg.llm.path
+    if src is None and cfg.tokenizer_train is not None:
+        return train_world_tokenizer(cfg)
+    if src is None:
+        raise CheckpointError(
+            "no tokenizer: set model.tokenizer to a tokenizer directory "
+            "(or model.llm.path to a model directory that has one)"
+        )
+    path = Path(src)
+    if not path.is_dir():
+        raise CheckpointError(f"model.tokenizer: {path} is not a directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"model.tokenizer: cannot load a tokenizer from {path}: {err}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    return tok
+
+
+def build_for_recipe(recipe: RecipeConfig):
+    """A fresh model for the recipe's first stage (dense if a later stage upcycles to MoE)."""
+    from minigem.model import VisionLanguageModel
+
+    cfg = recipe.model.model_copy(deep=True)
+    if any(s.upcycle for s in recipe.training.stages):
+        cfg.moe = None
+    torch.manual_seed(recipe.training.seed)
+    tok = load_recipe_tokenizer(cfg)
+    return VisionLanguageModel.build(cfg, tok)
+
+
+def train_world_tokenizer(cfg: ModelConfig):
+    """A BPE tokenizer trained on the synthetic world's texts and the template's rendering."""
+    from minigem.chat import get_template, train_tokenizer
+    from minigem.data.records import Message
+    from minigem.data.synth import world_texts
+
+    texts = list(world_texts())
+    tpl = get_template(cfg.template)
+    for q, a in zip(texts[::2], texts[1::2], strict=False):
+        msgs = [Message("user", f"{cfg.image_token}\n{q}"), Message("assistant", a)]
+        texts.append(tpl.render_text(msgs, system=cfg.system_prompt))
+    tok = train_tokenizer(texts, vocab_size=cfg.tokenizer_train.vocab_size,
+                          extra_special_tokens=[cfg.image_token])
+    return tok

@@ -1,0 +1,57 @@
+"""Training checkpoints: model + optimizer + scheduler + RNG + position, written atomically."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minigem.checkpoints.native import atomic_dir, write_model
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir: str | Path, model, trainer_state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoints/stage{i}-step{s}/ atomically, then point checkpoints/latest at it."""
+    root = checkpoint_root(output_dir)
+    name = f"stage{trainer_state['stage']}-step{trainer_state['step']:07d}"
+    dst = root / name
+    with atomic_dir(dst) as tmp:
+        write_model(model, tmp)
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+    latest_tmp = root / ".latest.tmp"
+    latest_tmp.write_text(name + "\n")
+    os.replace(latest_tmp, root / "latest")
+    olds = sorted(p for p in root.glob("stage*-step*") if p.is_dir() and p.name != name)
+    for p in olds[: max(0, len(olds) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return dst
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    root = checkpoint_root(output_dir)
+    ptr = root / "latest"
+    if not ptr.is_file():
+        return None
+    path = root / ptr.read_text().strip()
+    return path if (path / "trainer_state.pt").is_file() else None

@@ -1,0 +1,75 @@
+"""Datasets for a stage and a deterministic, resumable batch order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from minigem.config import DataConfig
+from minigem.data.records import Sample
+
+
+def open_source(cfg: DataConfig, image_token: str = "<image>"):
+    """A map-style source of `Sample`s for a DataConfig."""
+    if cfg.synth is not None:
+        from minigem.data.synth import SynthSource
+
+        s = cfg.synth
+        return SynthSource(s.n, s.seed, s.image_size, s.tasks)
+    from minigem.data.llava_json import LlavaJsonDataset
+
+    return LlavaJsonDataset(cfg.path, cfg.image_folder, cfg.skip_bad, image_token)
+
+
+class EncodedDataset(Dataset):
+    """Applies an encoder (Sample -> features dict) to a source of Samples."""
+
+    def __init__(self, source, encode) -> None:
+        self.source = source
+        self.encode = encode
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict:
+        sample: Sample = self.source[i]
+        return self.encode(sample)
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Batches from a seeded permutation per epoch, starting at any global batch index.
+
+    Global batch g of rank r (of W) holds perm[(g*W + r)*B : (g*W + r + 1)*B] of its epoch,
+    so the data order depends only on (seed, g) and a resumed run sees exactly the batches
+    an uninterrupted run would have.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, total: int | None = None,
+                 rank: int = 0, world: int = 1) -> None:
+        self.n, self.b, self.seed = n, batch_size, seed
+        self.start, self.total, self.rank, self.world = start, total, rank, world
+        self.per_epoch = n // (batch_size * world)
+        if self.per_epoch == 0:
+            from minigem.errors import DataError
+
+            raise DataError(f"dataset has {n} samples, fewer than one batch of {batch_size * world}")
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = self.start
+        epoch, perm = -1, None
+        while self.total is None or g < self.total:
+            e, k = divmod(g, self.per_epoch)
+            if e != epoch:
+                epoch, perm = e, self._perm(e)
+            lo = (k * self.world + self.rank) * self.b
+            yield perm[lo : lo + self.b].tolist()
+            g += 1
+
+    def __len__(self) -> int:
+        return (self.total or self.per_epoch) - self.start

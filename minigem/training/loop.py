@@ -1,0 +1,304 @@
+"""The training loop: stages in order on accelerate, with atomic checkpoints and exact resume.
+
+For each stage: freeze all but the stage's components, build its data and optimiser
+(AdamW, warmup + cosine/linear/constant), run `steps` optimiser steps of
+`batch_size x grad_accum (x processes)` samples, log loss / lr / samples/s (progress bar,
+TensorBoard, metrics.jsonl), evaluate on `eval_data` every `eval_every` steps, and save
+a checkpoint every `save_every` steps. `resume=True` continues from the latest checkpoint
+with the same weights, optimizer, scheduler, RNG and data order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from minigem.checkpoints.native import load_state, save_model
+from minigem.config import RecipeConfig, StageConfig, dump_yaml
+from minigem.data.collate import SampleEncoder, collate
+from minigem.training.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from minigem.training.data import EncodedDataset, ResumableBatchSampler, open_source
+from minigem.training.stages import apply_stage
+
+log = logging.getLogger(__name__)
+
+
+def stage_steps(stage: StageConfig, n_samples: int, world: int) -> int:
+    if stage.steps is not None:
+        return stage.steps
+    per_step = stage.batch_size * stage.grad_accum * world
+    return max(1, math.floor(stage.epochs * n_samples / per_step))
+
+
+def make_scheduler(opt, stage: StageConfig, total: int):
+    warm = int(round(stage.warmup_ratio * total))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if stage.schedule == "constant":
+            return 1.0
+        prog = (step - warm) / max(1, total - warm)
+        if stage.schedule == "linear":
+            return max(0.0, 1.0 - prog)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, prog)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class Trainer:
+    """Runs a recipe. `build_model` and `tokenizer` come from `minigem.training.build`."""
+
+    def __init__(self, recipe: RecipeConfig, model, recipe_text: str | None = None) -> None:
+        from accelerate import Accelerator
+
+        from minigem.training.precision import use_bf16
+
+        self.recipe = recipe
+        self.cfg = recipe.training
+        self.model = model
+        probe = Accelerator(cpu=not torch.cuda.is_available())
+        bf16 = use_bf16(self.cfg.bf16, probe.device)
+        self.acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
+        self.out = Path(self.cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "recipe.yaml").write_text(recipe_text or dump_yaml(recipe))
+        self.history: list[dict] = []
+        self.writer = None
+        if self.acc.is_main_process:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.out / "logs"))
+            except ImportError:  # tensorboard is in the `train` extra
+                log.warning("tensorboard not installed; logging to metrics.jsonl only")
+        log.info("device %s, bf16 autocast %s", self.acc.device, "on" if bf16 else "off")
+
+    # ------------------------------------------------------------------ run
+
+    def run(self, resume: bool = False, stop_after: int | None = None) -> Path:
+        """Train every stage; return the final checkpoint directory.
+
+        stop_after: stop (with a checkpoint) after this many optimiser steps in this call,
+        as if interrupted; used by tests and for time-boxed runs.
+        """
+        start_stage, start_step, state = 0, 0, None
+        if resume:
+            ckpt = latest_checkpoint(self.out)
+            if ckpt is None:
+                log.warning("--resume: no checkpoint in %s; starting from scratch", self.out)
+            else:
+                state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+                start_stage, start_step = state["stage"], state["step"]
+                self.history = state.get("history", [])
+                self._prepare_structure(start_stage)
+                from safetensors.torch import load_file
+
+                load_state(self.model, load_file(str(ckpt / "model.safetensors")), str(ckpt))
+                log.info("resuming from %s (stage %d, step %d)", ckpt, start_stage, start_step)
+        self.budget = stop_after
+        for i, stage in enumerate(self.cfg.stages):
+            if i < start_stage:
+                continue
+            if self.budget == 0:
+                return latest_checkpoint(self.out)
+            self._prepare_structure(i)
+            finished = self._run_stage(i, stage, start_step if i == start_stage else 0,
+                                       state if i == start_stage else None)
+            if not finished:
+                return latest_checkpoint(self.out)
+        final = save_model(self.model, self.out / "final") if self.acc.is_main_process else self.out / "final"
+        self._plot()
+        return final
+
+    def _prepare_structure(self, stage_idx: int) -> None:
+        """Apply dense->MoE upcycling when reaching (or resuming past) an `upcycle` stage."""
+        wants_moe = any(s.upcycle for s in self.cfg.stages[: stage_idx + 1])
+        if wants_moe and self.model.config.moe is None and self.recipe.model.moe is not None:
+            from minigem.llm.moe import apply_moe
+
+            apply_moe(self.model.language_model, self.recipe.model.moe)
+            self.model.config.moe = self.recipe.model.moe
+            log.info("upcycled the dense FFNs into MoE layers")
+
+    # ------------------------------------------------------------------ one stage
+
+    def _data(self, stage: StageConfig):
+        model = self.model
+        src = open_source(stage.data, model.config.image_token)
+        if stage.kind == "contrastive":
+            from minigem.training.contrastive import CaptionEncoder
+
+            enc = CaptionEncoder(model.tokenizer, model.processor, stage.contrastive.max_text_tokens)
+        else:
+            enc = SampleEncoder.for_model(model, stage.data.template)
+        return src, EncodedDataset(src, enc)
+
+    def _run_stage(self, idx: int, stage: StageConfig, start: int, state: dict | None) -> bool:
+        acc, model = self.acc, self.model
+        torch.manual_seed(self.cfg.seed + idx)
+        n_train = apply_stage(model, stage)
+        src, ds = self._data(stage)
+        total = stage_steps(stage, len(ds), acc.num_processes)
+        heads = None
+        params = [p for p in model.parameters() if p.requires_grad]
+        if stage.kind == "contrastive":
+            from minigem.training.contrastive import ContrastiveHeads, image_feature_dim
+
+            heads = ContrastiveHeads(stage.contrastive, len(model.tokenizer),
+                                     image_feature_dim(model, stage.train),
+                                     model.tokenizer.pad_token_id or 0)
+            params += list(heads.parameters())
+        opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+        sched = make_scheduler(opt, stage, total)
+        if state is not None:
+            if state.get("optimizer") is not None:
+                opt.load_state_dict(state["optimizer"])
+                sched.load_state_dict(state["scheduler"])
+            if heads is not None and state.get("heads") is not None:
+                heads.load_state_dict(state["heads"])
+            set_rng_state(state["rng"])
+        engine, opt = acc.prepare(model, opt)
+        if heads is not None:
+            heads = heads.to(acc.device)
+        sampler = ResumableBatchSampler(len(ds), stage.batch_size, self.cfg.seed + 7919 * idx,
+                                        start=start * stage.grad_accum, total=total * stage.grad_accum,
+                                        rank=acc.process_index, world=acc.num_processes)
+        pad = model.tokenizer.pad_token_id or 0
+        loader = DataLoader(ds, batch_sampler=sampler, collate_fn=partial(collate, pad_id=pad),
+                            num_workers=self.cfg.num_workers)
+        eval_src = open_source(stage.eval_data, model.config.image_token) if stage.eval_data else None
+        log.info("stage %d/%d %s (%s): %d steps, %s trainable params", idx + 1, len(self.cfg.stages),
+                 stage.name, stage.kind, total, f"{n_train:,}")
+        bar = None
+        if acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=start, desc=stage.name, dynamic_ncols=True)
+        step, micro, t0, seen, run_loss = start, 0, time.perf_counter(), 0, 0.0
+        extra: dict[str, float] = {}
+        for batch in loader:
+            batch = {k: (v.to(acc.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            micro += 1
+            sync = micro % stage.grad_accum == 0
+            ctx = acc.no_sync(engine) if not sync and acc.num_processes > 1 else _null()
+            with ctx, acc.autocast():
+                if heads is not None:
+                    from minigem.training.contrastive import pooled_image_features
+
+                    feats = pooled_image_features(model, batch, stage.train)
+                    loss, racc = heads(feats, batch["input_ids"], batch["attention_mask"])
+                    extra["retrieval_acc"] = extra.get("retrieval_acc", 0.0) + racc.item() / stage.grad_accum
+                else:
+                    out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 pixel_values=batch["pixel_values"], pixel_values_aux=batch["pixel_values_aux"],
+                                 labels=batch["labels"])
+                    loss = out.loss
+                    if out.aux_loss is not None:
+                        extra["aux_loss"] = extra.get("aux_loss", 0.0) + out.aux_loss.item() / stage.grad_accum
+            acc.backward(loss / stage.grad_accum)
+            run_loss += loss.item() / stage.grad_accum
+            seen += batch["input_ids"].shape[0] * acc.num_processes
+            if not sync:
+                continue
+            if stage.max_grad_norm is not None:
+                acc.clip_grad_norm_(params, stage.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            if step % self.cfg.log_every == 0 or step == total:
+                rate = seen / max(1e-9, time.perf_counter() - t0)
+                rec = {"stage": stage.name, "step": step, "loss": run_loss, "lr": sched.get_last_lr()[0],
+                       "samples_per_s": rate, **extra}
+                self._log(rec, bar)
+                t0, seen = time.perf_counter(), 0
+            run_loss, extra = 0.0, {}
+            if eval_src is not None and self.cfg.eval_every and (step % self.cfg.eval_every == 0 or step == total):
+                self._evaluate(stage, step, eval_src)
+            if self.budget is not None:
+                self.budget -= 1
+            if step % self.cfg.save_every == 0 or self.budget == 0:
+                self._save(idx, step, opt, sched, heads)
+            if self.budget == 0 and step < total:
+                if bar is not None:
+                    bar.close()
+                return False
+        if bar is not None:
+            bar.close()
+        self._save(idx + 1, 0, None, None, None)  # stage boundary: resume starts the next stage
+        return True
+
+    # ------------------------------------------------------------------ helpers
+
+    def _save(self, stage: int, step: int, opt, sched, heads) -> None:
+        if not self.acc.is_main_process:
+            return
+        state = {"stage": stage, "step": step, "rng": rng_state(), "history": self.history,
+                 "optimizer": opt.state_dict() if opt is not None else None,
+                 "scheduler": sched.state_dict() if sched is not None else None,
+                 "heads": heads.state_dict() if heads is not None else None}
+        save_checkpoint(self.out, self.acc.unwrap_model(self.model), state)
+
+    def _evaluate(self, stage: StageConfig, step: int, source) -> None:
+        from minigem.evaluation.runner import evaluate
+
+        report = evaluate(self.model, source, limit=256)
+        rec = {"stage": stage.name, "step": step, "eval_accuracy": report.accuracy,
+               **{f"eval_{c}": r["accuracy"] for c, r in report.per_category.items()}}
+        self._log(rec, None)
+        log.info("eval at step %d: %s", step, report.format())
+
+    def _log(self, rec: dict, bar) -> None:
+        if not self.acc.is_main_process:
+            return
+        self.history.append(rec)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if bar is not None and "loss" in rec:
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.1f}")
+        if self.writer is not None:
+            for k, v in rec.items():
+                if isinstance(v, int | float) and k != "step":
+                    self.writer.add_scalar(f"{rec['stage']}/{k}", v, rec["step"])
+            self.writer.flush()
+
+    def _plot(self) -> None:
+        if not self.acc.is_main_process or not self.history:
+            return
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        stages = [s.name for s in self.cfg.stages]
+        fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3), squeeze=False)
+        for ax, name in zip(axes[0], stages, strict=True):
+            pts = [(r["step"], r["loss"]) for r in self.history if r.get("stage") == name and "loss" in r]
+            if pts:
+                ax.plot(*zip(*pts, strict=True))
+            ax.set_title(name)
+            ax.set_xlabel("step")
+            ax.set_ylabel("loss")
+        fig.tight_layout()
+        fig.savefig(self.out / "loss.png", dpi=100)
+        plt.close(fig)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

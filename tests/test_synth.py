@@ -1,0 +1,251 @@
+"""The synthetic world: determinism, answers consistent with scenes and pixels, glyph legibility
+at high-res only, and the LLaVA files written by write_dataset."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minigem.data import synth
+from minigem.data.synth import (
+    CATEGORIES,
+    COLORS,
+    GLYPHS,
+    INK,
+    Scene,
+    SynthSource,
+    caption,
+    glyph_box,
+    glyph_mask,
+    make_conversation,
+    make_sample,
+    make_scene,
+    render,
+    world_texts,
+    write_dataset,
+)
+from minigem.errors import DataError
+
+# The documented contract, written out independently of the module's tables.
+POSITION_NAMES = ["top left", "top", "top right", "left", "center", "right",
+                  "bottom left", "bottom", "bottom right"]
+
+
+def expected_answer(scene: Scene, question: str) -> str:
+    """Re-derive the answer to `question` from the scene's objects."""
+    objs = scene.objects
+    if question == "Describe the image in detail.":
+        return caption(scene)
+    if m := re.fullmatch(r"What color is the (\w+)\?", question):
+        (o,) = [o for o in objs if o.shape == m[1]]  # must be unique
+        return o.color
+    if m := re.fullmatch(r"What shape is the (\w+) object\?", question):
+        (o,) = [o for o in objs if o.color == m[1]]
+        return o.shape
+    if question == "How many objects are there?":
+        return str(len(objs))
+    if m := re.fullmatch(r"How many (\w+)s are there\?", question):
+        return str(sum(o.shape == m[1] for o in objs))
+    if m := re.fullmatch(r"How many (\w+) objects are there\?", question):
+        return str(sum(o.color == m[1] for o in objs))
+    if m := re.fullmatch(r"Is there a (\w+) (\w+)\?", question):
+        return "yes" if any((o.color, o.shape) == (m[1], m[2]) for o in objs) else "no"
+    if m := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
+        (o,) = [o for o in objs if (o.color, o.shape) == (m[1], m[2])]
+        return POSITION_NAMES[o.cell]
+    if m := re.fullmatch(r"What is written on the (\w+) (\w+)\?", question):
+        (o,) = [o for o in objs if (o.color, o.shape) == (m[1], m[2])]
+        assert o.glyph is not None
+        return o.glyph
+    raise AssertionError(f"unexpected question {question!r}")
+
+
+def test_every_answer_matches_its_scene() -> None:
+    seen: Counter[str] = Counter()
+    for i in range(400):
+        scene, category, messages = make_conversation(i, seed=7)
+        seen[category] += 1
+        assert [m.role for m in messages] == ["user", "assistant"] * (len(messages) // 2)
+        assert messages[0].content.startswith("<image>\n")
+        assert sum(m.content.count("<image>") for m in messages) == 1
+        turns = len(messages) // 2
+        assert (2 <= turns <= 4) if category == "conversation" else turns == 1
+        for q, a in zip(messages[0::2], messages[1::2], strict=True):
+            question = q.content.removeprefix("<image>\n")
+            assert a.content == expected_answer(scene, question), (i, question)
+            if category not in ("caption", "conversation"):
+                assert a.content == a.content.lower() and "." not in a.content
+    assert set(seen) == set(CATEGORIES), seen
+
+
+def test_caption_names_every_object() -> None:
+    rng = random.Random(1)
+    pattern = re.compile(r"a (small|large) (\w+) (\w+)(?: marked (\w))? at the ([a-z ]+?)(?=,|\.$)")
+    for _ in range(200):
+        scene = make_scene(rng)
+        text = caption(scene)
+        parsed = [(s, c, sh, g or None, POSITION_NAMES.index(p))
+                  for s, c, sh, g, p in pattern.findall(text)]
+        truth = [(o.size, o.color, o.shape, o.glyph, o.cell) for o in scene.objects]
+        assert parsed == truth, text
+        assert text.startswith(f"There {'is' if len(truth) == 1 else 'are'} {len(truth)} object")
+
+
+def test_scene_invariants_and_glyph_rate() -> None:
+    rng = random.Random(2)
+    scenes = [make_scene(rng) for _ in range(500)]
+    for s in scenes:
+        assert 1 <= len(s.objects) <= 4
+        assert len({o.cell for o in s.objects}) == len(s.objects)
+        assert len({(o.color, o.shape) for o in s.objects}) == len(s.objects)
+    rate = np.mean([any(o.glyph for o in s.objects) for s in scenes])
+    assert 0.3 < rate < 0.5
+
+
+def test_pixels_show_the_scene() -> None:
+    rng = random.Random(3)
+    for _ in range(40):
+        scene = make_scene(rng)
+        a = np.asarray(render(scene, 128)).astype(int)
+        assert a.shape == (128, 128, 3)
+        cells = {o.cell: o for o in scene.objects}
+        for k in range(9):
+            r, c = divmod(k, 3)
+            patch = a[round(r * 128 / 3):round((r + 1) * 128 / 3), round(c * 128 / 3):round((c + 1) * 128 / 3)]
+            counts = {name: int((patch == rgb).all(-1).sum()) for name, rgb in COLORS.items()}
+            if k not in cells:
+                assert sum(counts.values()) == 0
+                continue
+            o = cells[k]
+            others = sum(v for n, v in counts.items() if n != o.color)
+            assert others == 0
+            e = synth.SIZES[o.size] * 128 / 3  # extent of the bounding box
+            area = {"circle": np.pi * e * e / 4, "square": (0.9 * e) ** 2}.get(o.shape, e * e / 2)
+            assert abs(counts[o.color] / area - 1) < 0.2, (o, counts[o.color], area)
+
+
+def test_glyphs_sit_inside_their_shape() -> None:
+    rng = random.Random(4)
+    for size in (96, 128, 256):
+        for _ in range(60):
+            scene = make_scene(rng, need_glyph=True)
+            plain = Scene(tuple(replace(o, glyph=None) for o in scene.objects), scene.background)
+            a = np.asarray(render(plain, size))
+            for o in scene.objects:
+                if o.glyph is not None:
+                    left, top, right, bottom = glyph_box(o, size)
+                    ring = a[top - 1:bottom + 1, left - 1:right + 1]  # 1 px margin included
+                    assert (ring == COLORS[o.color]).all()
+
+
+def _read_glyphs(img: Image.Image, scenes_objs: list, size: int) -> float:
+    """Nearest-template glyph reader: fraction of glyphs read correctly from `img` crops."""
+    templates = np.stack([np.asarray(glyph_mask(g, synth.GLYPH_DOT), np.float32) / 255
+                          for g in GLYPHS])
+    a = np.asarray(img, np.float32)
+    right = 0
+    for o in scenes_objs:
+        left, top, r, b = glyph_box(o, size)
+        ink, fill = np.array(INK[o.color], np.float32), np.array(COLORS[o.color], np.float32)
+        d = ink - fill
+        inkness = np.clip((a[top:b, left:r] - fill) @ d / (d @ d), 0, 1)  # 0 fill .. 1 ink
+        guess = GLYPHS[int(np.argmin(((templates - inkness) ** 2).sum((1, 2))))]
+        right += guess == o.glyph
+    return right / len(scenes_objs)
+
+
+@pytest.mark.parametrize("size", [128, 256])
+def test_glyphs_legible_at_high_res_only(size: int) -> None:
+    rng = random.Random(5)
+    hr = {"hr": [], "bilinear": [], "box": []}
+    for _ in range(120):
+        scene = make_scene(rng, need_glyph=True)
+        img = render(scene, size)
+        marked = [o for o in scene.objects if o.glyph is not None]
+        hr["hr"].append((_read_glyphs(img, marked, size), len(marked)))
+        for name, method in (("bilinear", Image.BILINEAR), ("box", Image.BOX)):
+            low = img.resize((size // 4, size // 4), method)  # the LR input
+            back = low.resize((size, size), Image.BILINEAR)
+            hr[name].append((_read_glyphs(back, marked, size), len(marked)))
+    acc = {k: sum(a * n for a, n in v) / sum(n for _, n in v) for k, v in hr.items()}
+    chance = 1 / len(GLYPHS)
+    assert acc["hr"] == 1.0, acc
+    assert acc["bilinear"] < 2 * chance and acc["box"] < 2 * chance, acc
+
+
+def test_existence_is_balanced() -> None:
+    answers = [make_conversation(i, 11, ["existence"])[2][1].content for i in range(600)]
+    assert set(answers) == {"yes", "no"}
+    assert 0.43 < answers.count("yes") / len(answers) < 0.57
+
+
+def test_tasks_restrict_categories_and_bad_tasks_fail() -> None:
+    cats = {make_conversation(i, 0, ["count", "glyph"])[1] for i in range(60)}
+    assert cats == {"count", "glyph"}
+    with pytest.raises(DataError, match=r"unknown synthetic task\(s\) \['colour'\]; valid: \["):
+        make_sample(0, 0, tasks=["colour"])
+    with pytest.raises(DataError, match="image_size must be >= 96"):
+        SynthSource(4, 0, image_size=32)
+
+
+def test_sample_and_source() -> None:
+    s = make_sample(3, 9, image_size=160)
+    assert s.id == "synth-9-0000003"
+    assert len(s.images) == 1 and s.images[0].mode == "RGB" and s.images[0].size == (160, 160)
+    src = SynthSource(5, 9, image_size=160)
+    assert len(src) == 5
+    again = src[3]
+    assert again.messages == s.messages and again.category == s.category
+    assert again.images[0].tobytes() == s.images[0].tobytes()
+    assert src[-2].id == "synth-9-0000003"
+    with pytest.raises(IndexError):
+        src[5]
+    assert make_sample(3, 10).messages != s.messages or make_sample(4, 9).messages != s.messages
+
+
+def _files(root) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_write_dataset_deterministic_llava(tmp_path) -> None:
+    a = write_dataset(tmp_path / "a", n=30, seed=1)
+    write_dataset(tmp_path / "b", n=30, seed=1)
+    write_dataset(tmp_path / "c", n=30, seed=2)
+    fa, fb, fc = (_files(tmp_path / k) for k in "abc")
+    assert a == tmp_path / "a" / "data.json"
+    assert len(fa) == 31 and sorted(fa) == sorted(fb) and all(fa[k] == fb[k] for k in fa)
+    assert fa["data.json"] != fc["data.json"]
+    images_a = sorted(v for k, v in fa.items() if k.endswith(".png"))
+    images_c = sorted(v for k, v in fc.items() if k.endswith(".png"))
+    assert not set(images_a) & set(images_c)  # different seeds: different pictures
+    assert not [k for k in fa if not (k == "data.json" or re.fullmatch(r"images/synth-1-\d{7}\.png", k))]
+
+    records = json.loads(a.read_text())
+    assert isinstance(records, list) and len(records) == 30
+    for i, rec in enumerate(records):
+        assert set(rec) == {"id", "image", "category", "conversations"}
+        assert rec["id"] == f"synth-1-{i:07d}" and rec["image"] == f"images/{rec['id']}.png"
+        assert rec["category"] in CATEGORIES
+        conv = rec["conversations"]
+        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+        assert conv[0]["value"].startswith("<image>\n")
+        with Image.open(tmp_path / "a" / rec["image"]) as im:
+            assert im.size == (128, 128) and im.mode == "RGB"
+
+
+def test_world_texts_cover_every_word() -> None:
+    texts = world_texts()
+    assert len(texts) == len(set(texts))
+    vocab = {w for t in texts for w in re.findall(r"[\w]+|[^\w\s]", t)}
+    for i in range(300):
+        _, _, messages = make_conversation(i, 5)
+        for m in messages:
+            words = re.findall(r"[\w]+|[^\w\s]", m.content.replace("<image>", ""))
+            assert set(words) <= vocab, set(words) - vocab
