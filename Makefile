@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m minigem.cli demo
+	$(PY) -m minigem.cli demo --examples examples
 
 test: $(STAMP)
 	$(PY) -m pytest -q

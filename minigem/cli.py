@@ -73,6 +73,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
 
+    p = sub.add_parser("serve", help="OpenAI-compatible API and web UI (127.0.0.1 by default)")
+    p.add_argument("--model", default=None, help="model directory (default: the bundled model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require this key (default: $MINIGEM_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (public addresses only)")
+
     p = sub.add_parser("export", help="export a native checkpoint to a foreign format")
     p.add_argument("--to", dest="fmt", required=True, choices=["hf-llava"])
     p.add_argument("src")

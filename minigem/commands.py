@@ -11,7 +11,7 @@ from PIL import Image
 
 from minigem.errors import DataError, MinigemError
 
-EXAMPLES = Path(__file__).resolve().parent / "assets" / "examples"
+EXAMPLES = Path("examples")
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -43,7 +43,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for item in json.loads(qfile.read_text()):
         image = open_image(folder / item["image"])
         answers = model.chat_batch([(image, q) for q in item["questions"]], max_new_tokens=64)
-        print(f"\n[{item['image']}]")
+        print(f"\n[{item['image']}]" + (f"  (truth: {item['truth']})" if item.get("truth") else ""))
         for q, a in zip(item["questions"], answers, strict=True):
             print(f"  Q: {q}\n  A: {a}")
     return 0
@@ -172,3 +172,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = hf_llava.export_hf_llava(args.src, args.dst)
     print(out)
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from minigem.serving.server import serve
+
+    return serve(args.model, host=args.host, port=args.port, api_key=args.api_key,
+                 threads=args.threads, max_batch=args.max_batch, max_queue=args.max_queue,
+                 timeout_s=args.timeout, allow_remote_images=args.allow_remote_images)

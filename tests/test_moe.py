@@ -235,7 +235,10 @@ def test_apply_moe_keeps_logits_on_each_arch(arch: str) -> None:
         after = lm(ids).logits
     layers = lm.get_decoder().layers
     assert [isinstance(layer.mlp, SparseMoE) for layer in layers] == [True, False, True]
+    assert not layers[0].mlp.training  # inherits eval mode from the layer it replaces
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    assert collect_aux_loss(lm)[1] == {}  # no-grad eval (generation): aux loss skipped
+    lm(ids)  # with autograd on
     total, per_layer = collect_aux_loss(lm)
     assert set(per_layer) == {"model.layers.0.mlp", "model.layers.2.mlp"} and total > 0
     names = [n for n, _ in moe_parameters(lm)]

@@ -36,11 +36,18 @@ def read_records(path: Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:  # name the file's line, not the record's
+                raise DataError(f"{path}: line {n}: not valid JSON: {err.msg} (column {err.colno})") from None
+        return rows
     try:
-        if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            rows = json.loads(text)
+        rows = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON: {err}") from None
     if not isinstance(rows, list):

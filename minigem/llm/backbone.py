@@ -47,8 +47,8 @@ def build_llm(cfg: LLMConfig, vocab_size: int | None = None) -> PreTrainedModel:
     if cfg.path is not None:
         model = AutoModelForCausalLM.from_pretrained(cfg.path, config=hf, dtype=torch.float32)
     else:
-        if vocab_size is not None:
-            hf.vocab_size = vocab_size
+        if vocab_size is not None and "vocab_size" not in cfg.config:
+            hf.vocab_size = vocab_size  # an explicit (e.g. padded, 32064) vocab is kept; grown below
         model = AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
         if cfg.init_std is not None:
             _reinit(model, cfg.init_std)

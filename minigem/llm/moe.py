@@ -112,7 +112,8 @@ def apply_moe(lm: nn.Module, cfg: MoEConfig) -> list[int]:
             )
     for i in indices:
         layer = layers[i]
-        layer.mlp = SparseMoE(layer.mlp, _hidden_size(lm, layer.mlp), cfg)
+        moe = SparseMoE(layer.mlp, _hidden_size(lm, layer.mlp), cfg)
+        layer.mlp = moe.train(layer.mlp.training)  # a new module must not flip eval -> train
     return indices
 
 

@@ -12,8 +12,9 @@ second choices, each in token order; overflow assignments contribute 0 (the deco
 residual carries the token).
 
 Aux-loss channel: every forward stores `self.aux_loss` (0-dim fp32 tensor, already multiplied by
-its coefficients: aux_loss_coef * balance + z_loss_coef * z) and `self.load` (assignments kept per
-expert) / `self.dropped`. `minigem.llm.moe.collect_aux_loss(model)` sums them.
+its coefficients: aux_loss_coef * balance + z_loss_coef * z; None in no-grad eval, where it is
+skipped) and `self.load` (assignments kept per expert) / `self.dropped`.
+`minigem.llm.moe.collect_aux_loss(model)` sums them.
 """
 
 from __future__ import annotations
@@ -113,7 +114,9 @@ class SparseMoE(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [T, H]
         logits, gates, top_i = self.route(x)
-        self.aux_loss = self._aux_loss(logits, top_i)
+        # Aux loss in training mode or with autograd on; skipped in no-grad eval (generation).
+        want_aux = self.training or torch.is_grad_enabled()
+        self.aux_loss = self._aux_loss(logits, top_i) if want_aux else None
         out = self._dispatch(x, gates, top_i)  # [T, H]
         if self.shared_expert is not None and self.shared_coef is not None:
             coef = F.linear(
@@ -151,12 +154,12 @@ class SparseMoE(nn.Module):
         self.load = counts
         token = order % num_tokens  # [N] source token of each kept assignment
         xs = x.index_select(0, token)  # [N, H], gathered once, contiguous per expert
-        train = torch.is_grad_enabled()
+        grad = torch.is_grad_enabled()
         outs = []
         for expert, chunk, n in zip(self.experts, xs.split(counts), counts, strict=True):
             # With grad on, idle experts still run on 0 rows so every parameter is in the graph
             # (DDP-safe); in inference they are skipped (decode touches only k experts).
-            if n > 0 or train:
+            if n > 0 or grad:
                 outs.append(expert(chunk))
         ys = torch.cat(outs).float() * flat_gate.index_select(0, order).unsqueeze(-1)  # [N, H]
         out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)

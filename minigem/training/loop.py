@@ -145,6 +145,10 @@ class Trainer:
         acc, model = self.acc, self.model
         torch.manual_seed(self.cfg.seed + idx)
         n_train = apply_stage(model, stage)
+        if self.cfg.gradient_checkpointing:
+            model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
+            model.language_model.config.use_cache = False
+            model.vision_tower.gradient_checkpointing = True
         src, ds = self._data(stage)
         total = stage_steps(stage, len(ds), acc.num_processes)
         heads = None

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from minigem.config import VisionConfig
@@ -45,6 +46,7 @@ class CLIPTower(nn.Module):
         self.image_size: int = hf.image_size
         self.patch_size: int = hf.patch_size
         self.hidden_size: int = hf.hidden_size
+        self.gradient_checkpointing = False
 
     @property
     def num_patches(self) -> int:
@@ -56,7 +58,10 @@ class CLIPTower(nn.Module):
         h = m.embeddings(pixel_values.to(dtype))  # [B, 1+N, C]
         h = m.pre_layrnorm(h)
         for layer in m.encoder.layers[: self.depth]:
-            h = layer(h, None)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, None, use_reentrant=False)
+            else:
+                h = layer(h, None)
         return h if self.keep_cls else h[:, 1:]  # [B, N, C]
 
 

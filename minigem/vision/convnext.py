@@ -88,7 +88,6 @@ class HRTower(nn.Module):
         self.vision_stem: nn.Module = trunk.stem
         self.vision_stages: nn.Sequential = trunk.stages
         self.dims = [int(info["num_chs"]) for info in trunk.feature_info]  # per stage
-        self._frozen = False
 
     @property
     def out_channels(self) -> int:
@@ -96,34 +95,31 @@ class HRTower(nn.Module):
 
     @property
     def frozen(self) -> bool:
-        return self._frozen
+        """True when no parameter requires grad (as after ``freeze()`` or a stage that does
+        not train the tower): the tower then runs in eval mode and without autograd."""
+        return not any(p.requires_grad for p in self.parameters())
 
     def freeze(self) -> HRTower:
         """No grads, and eval mode that survives a parent's ``.train()`` (no drop-path)."""
         self.requires_grad_(False)
-        self._frozen = True
         return super().train(False)
 
     def unfreeze(self) -> HRTower:
-        """Make the tower trainable again (train mode follows the parent from now on)."""
+        """Make the tower trainable (its train/eval mode follows the parent from now on)."""
         self.requires_grad_(True)
-        self._frozen = False
         return self
 
     def train(self, mode: bool = True) -> HRTower:
-        return super().train(mode and not self._frozen)
+        return super().train(mode and not self.frozen)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, 3, H, W] -> [B, sum(dims), H/4, W/4] (in the tower's dtype)."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"HR tower expects [B, 3, H, W] pixels, got {tuple(pixel_values.shape)}")
-        if self._frozen and any(p.requires_grad for p in self.parameters()):
-            raise RuntimeError(
-                "HRTower is frozen (eval, no grad) but some parameters require grad; "
-                "call tower.unfreeze() to train it"
+            raise ValueError(
+                f"HR tower expects [B, 3, H, W] pixels, got {tuple(pixel_values.shape)}"
             )
         weight = self.vision_stem[0].weight
-        with torch.no_grad() if self._frozen else nullcontext():
+        with torch.no_grad() if self.frozen else nullcontext():
             x = self.vision_stem(pixel_values.to(device=weight.device, dtype=weight.dtype))
             outs = []
             for stage in self.vision_stages:

@@ -1,0 +1,222 @@
+"""The generation engine: one worker thread runs continuous batching for all requests.
+
+Requests (``Job``) wait in a bounded queue (full -> ``QueueFull``, answered 429). The worker
+admits up to ``max_batch`` rows: new jobs are prefilled together and merged into the
+running ``DecodeBatch``, then every row advances one token per step; finished rows leave at
+once. Each job streams its events into its own asyncio queue on the server's loop
+(``loop.call_soon_threadsafe``): ``Delta(text)`` pieces that can no longer change, then one
+``Done`` or ``Failed``. A job whose client went away (``cancel()``) or whose deadline passed
+is dropped at its next token (or before it starts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from minigem.generation.batch import DecodeBatch, Row
+from minigem.generation.decode import Generation, GenerationConfig
+
+log = logging.getLogger("minigem.serving.engine")
+
+
+class QueueFull(Exception):
+    """The wait queue is at its limit."""
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Done:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    status: int  # 408 timeout, 500 internal error
+    message: str
+
+
+Event = Delta | Done | Failed
+
+
+@dataclass
+class Job:
+    """One generation request, prepared by the API (prompt ids, pixels, settings)."""
+
+    prompt_ids: list[int]
+    pixel_values: torch.Tensor | None
+    pixel_values_aux: torch.Tensor | None
+    gen: GenerationConfig
+    timeout_s: float
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    created: float = field(default_factory=time.monotonic)
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+    _sent: str = ""  # text already sent as deltas
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def expired(self) -> bool:
+        return time.monotonic() - self.created > self.timeout_s
+
+    def emit(self, event: Event) -> None:
+        """Hand an event to the server's loop (from the worker thread)."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancel()
+
+    def stable_text(self, out: Generation, final: bool) -> None:
+        """Emit the new text that no later token can change (held back: a trailing partial
+        UTF-8 character and any tail that may begin a stop string)."""
+        text = out.text
+        if not final:
+            text = text.rstrip("\ufffd")
+            for stop in self.gen.stop:
+                for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                    if text.endswith(stop[:k]):
+                        text = text[:-k]
+                        break
+        if len(text) > len(self._sent) and text.startswith(self._sent):
+            self.emit(Delta(text[len(self._sent):]))
+            self._sent = text
+
+
+class Engine:
+    """Owns the model and its worker thread; ``submit`` is safe from any thread."""
+
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64) -> None:
+        self.model = model
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self._pending: collections.deque[Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.running = 0
+        self.stats = collections.Counter()
+
+    # ------------------------------------------------------------------ control
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="minigem-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def submit(self, job: Job) -> None:
+        with self._cv:
+            if len(self._pending) >= self.max_queue:
+                self.stats["rejected"] += 1
+                raise QueueFull
+            self._pending.append(job)
+            self._cv.notify()
+
+    # ------------------------------------------------------------------ worker
+
+    def _run(self) -> None:
+        batch = DecodeBatch(self.model)
+        while True:
+            with self._cv:
+                while not self._pending and not len(batch) and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                admit = self._admit(batch)
+            try:
+                if admit:
+                    self._prefill(batch, admit)
+                for row in batch.step():
+                    self._finish(row.tag, row.out)
+            except Exception:  # a bug must not kill the worker: fail the batch, carry on
+                log.exception("generation failed")
+                for row in batch.cancel_all():
+                    self._fail(row.tag, 500, "internal error during generation")
+            self.running = len(batch)
+        for row in batch.cancel_all():
+            self._fail(row.tag, 503, "the server is shutting down")
+        while self._pending:
+            self._fail(self._pending.popleft(), 503, "the server is shutting down")
+
+    def _admit(self, batch: DecodeBatch) -> list[Job]:
+        """Jobs that join now (called with the lock held)."""
+        admit: list[Job] = []
+        if not batch.can_join():
+            return admit
+        while self._pending and len(batch) + len(admit) < self.max_batch:
+            job = self._pending.popleft()
+            if job.cancelled:
+                self.stats["cancelled"] += 1
+            elif job.expired():
+                self._fail(job, 408, "the request timed out while waiting in the queue")
+            else:
+                admit.append(job)
+        return admit
+
+    def _prefill(self, batch: DecodeBatch, jobs: list[Job]) -> None:
+        pix = [j.pixel_values for j in jobs if j.pixel_values is not None]
+        aux = [j.pixel_values_aux for j in jobs if j.pixel_values_aux is not None]
+        rows = [Row(gen=j.gen, tag=j, on_token=self._callback(j)) for j in jobs]
+        try:
+            batch.add([j.prompt_ids for j in jobs], torch.cat(pix) if pix else None,
+                      torch.cat(aux) if aux else None, rows)
+        except Exception:
+            log.exception("prefill failed")
+            for j in jobs:
+                self._fail(j, 500, "internal error while reading the prompt")
+        self.running = len(batch)
+        self.stats["peak_batch"] = max(self.stats["peak_batch"], self.running)
+
+    def _callback(self, job: Job):
+        def on_token(out: Generation) -> bool:
+            if job.cancelled or job.expired():
+                return False
+            job.stable_text(out, final=False)
+            return True
+
+        return on_token
+
+    def _finish(self, job: Job, out: Generation) -> None:
+        if out.finish_reason == "cancelled":
+            if job.cancelled:
+                self.stats["cancelled"] += 1
+            else:
+                self._fail(job, 408, f"the request timed out after {job.timeout_s:g} s")
+            return
+        job.stable_text(out, final=True)
+        self.stats["completed"] += 1
+        job.emit(Done(out.text, out.finish_reason, out.prompt_tokens, len(out.token_ids)))
+
+    def _fail(self, job: Job, status: int, message: str) -> None:
+        self.stats["timeouts" if status == 408 else "failed"] += 1
+        job.emit(Failed(status, message))

@@ -1,0 +1,398 @@
+"""Mini-Gemini components: patch info mining, the HR ConvNeXt tower, HR/LR/HD views."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from minigem.config import ConnectorConfig, VisionAuxConfig
+from minigem.connectors.base import build_connector
+from minigem.connectors.patch_mining import PatchMiningConnector
+from minigem.errors import CheckpointError
+from minigem.vision.base import VisionFeatures
+from minigem.vision.convnext import (
+    HRTower,
+    build_hr_tower,
+    load_hr_weights,
+    mgm_aux_key_to_timm,
+    timm_key_to_mgm,
+)
+from minigem.vision.hd import mgm_views, split_hr_views
+
+C, C_HR, D = 16, 24, 32
+TINY = {"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1)}
+
+
+def _connector(projector: str = "mlp2x_gelu", seed: int = 0, **kw) -> PatchMiningConnector:
+    torch.manual_seed(seed)
+    conn = PatchMiningConnector(projector, C, D, C_HR, **kw)
+    with torch.no_grad():  # non-trivial LayerNorm affines, so folding them is really tested
+        for name, p in conn.named_parameters():
+            if name.endswith(("0.weight", "0.bias")) and p.ndim == 1:
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+    return conn
+
+
+def _paper_formula(conn: PatchMiningConnector, q: torch.Tensor, hr: torch.Tensor):
+    """T = MLP(Q + softmax(phi(Q) phi(K)^T / sqrt(C)) phi(V)), one LR token at a time."""
+    b, n, c = q.shape
+    side = math.isqrt(n)
+    m = hr.shape[-1] // side
+    toks, attns = [], []
+    for bi in range(b):
+        for i in range(n):
+            r, col = divmod(i, side)
+            region = hr[bi, :, r * m : (r + 1) * m, col * m : (col + 1) * m]  # [C_hr, M, M]
+            cells = region.reshape(hr.shape[1], m * m).T  # [M*M, C_hr], row-major cells
+            qi = conn.vlm_uni_query_projector(q[bi, i])  # [C]
+            k = conn.vlm_uni_aux_projector(cells)  # [M*M, C]
+            v = conn.vlm_uni_val_projector(cells)
+            a = torch.softmax(k @ qi / math.sqrt(c), dim=-1)  # [M*M]
+            toks.append(q[bi, i] + a @ v)
+            attns.append(a)
+    t = torch.stack(toks).view(b, n, c)
+    return conn.projector(t), torch.stack(attns).view(b, n, m * m)
+
+
+# ----------------------------------------------------------------------------- mining
+
+
+@pytest.mark.parametrize("chunk_cells", [1, 40, 10**6])  # one row, a few rows, whole image
+@pytest.mark.parametrize("n,side_hr", [(4, 6), (9, 12)])
+def test_mining_matches_paper_formula(chunk_cells: int, n: int, side_hr: int) -> None:
+    conn = _connector(chunk_cells=chunk_cells)
+    q = torch.randn(2, n, C)
+    hr = torch.randn(2, C_HR, side_hr, side_hr) * 2 + 0.5
+    ref, ref_attn = _paper_formula(conn, q, hr)
+    with torch.no_grad():
+        out = conn(VisionFeatures(q, hr))
+        attn = conn.mining_attention(VisionFeatures(q, hr))
+    assert out.shape == (2, n, D)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn, ref_attn, atol=1e-6, rtol=1e-5)
+
+
+def test_mining_gradients_match_reference() -> None:
+    conn = _connector()
+    q, hr = torch.randn(1, 4, C), torch.randn(1, C_HR, 4, 4)
+    conn(VisionFeatures(q, hr)).square().sum().backward()
+    ours = {k: p.grad.clone() for k, p in conn.named_parameters()}
+    conn.zero_grad()
+    _paper_formula(conn, q, hr)[0].square().sum().backward()
+    for k, p in conn.named_parameters():
+        torch.testing.assert_close(ours[k], p.grad, atol=1e-4, rtol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("n,side_hr", [(1, 5), (4, 8), (16, 16), (36, 48), (576, 48)])
+def test_mining_keeps_n_tokens(n: int, side_hr: int) -> None:
+    conn = _connector(projector="linear")
+    with torch.no_grad():
+        out = conn(VisionFeatures(torch.randn(2, n, C), torch.randn(2, C_HR, side_hr, side_hr)))
+    assert out.shape == (2, n, D) and conn.num_tokens(n) == n
+    assert torch.isfinite(out).all()
+
+
+def test_mining_state_dict_names_match_release() -> None:
+    conn = build_connector(ConnectorConfig(type="patch_mining"), C, D, C_HR)
+    prefixes = {k.rsplit(".", 1)[0] for k in conn.state_dict()}
+    assert prefixes == {
+        "vlm_uni_query_projector.0", "vlm_uni_query_projector.1",
+        "vlm_uni_aux_projector.0", "vlm_uni_aux_projector.1",
+        "vlm_uni_val_projector.0", "vlm_uni_val_projector.1",
+        "projector.0", "projector.2",
+    }  # fmt: skip
+    assert conn.vlm_uni_aux_projector[1].weight.shape == (C, C_HR)
+
+
+@pytest.mark.parametrize(
+    "n,hr_shape,needle",
+    [
+        (5, (C_HR, 10, 10), "square number of low-res tokens; got N=5"),
+        (4, (C_HR, 7, 7), "HR map is 7x7 but the low-res grid is 2x2 (N=4)"),
+        (4, (C_HR, 8, 4), "HR map is 8x4 but the low-res grid is 2x2"),
+        (
+            4,
+            (12, 8, 8),
+            "high_res features have 12 channels but the connector was built for aux_dim=24",
+        ),
+    ],
+)
+def test_mining_bad_sizes(n: int, hr_shape: tuple[int, ...], needle: str) -> None:
+    conn = _connector()
+    with pytest.raises(ValueError) as err:
+        conn(VisionFeatures(torch.randn(1, n, C), torch.randn(1, *hr_shape)))
+    assert needle in str(err.value)
+
+
+def test_mining_missing_inputs_errors() -> None:
+    conn = _connector()
+    with pytest.raises(ValueError, match="needs high-res features"):
+        conn(VisionFeatures(torch.randn(1, 4, C)))
+    with pytest.raises(ValueError, match="low_res has 2 image views but high_res has 1"):
+        conn(VisionFeatures(torch.randn(2, 4, C), torch.randn(1, C_HR, 4, 4)))
+    with pytest.raises(ValueError, match="needs aux_dim"):
+        build_connector(ConnectorConfig(type="patch_mining"), C, D, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mining_half_precision_large_inputs(dtype: torch.dtype) -> None:
+    conn = _connector()
+    q, hr = torch.randn(2, 4, C), torch.randn(2, C_HR, 8, 8)
+    with torch.no_grad():
+        ref = conn.mining_attention(VisionFeatures(q, hr))
+        conn = conn.to(dtype)
+        big = VisionFeatures((q * 1e3).to(dtype), (hr * 3e3 + 1e4).to(dtype))  # LN: scale moot
+        out, attn = conn(big), conn.mining_attention(big)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert attn.dtype == torch.float32
+    assert (attn - ref).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mining_softmax_fp32_no_nan(dtype: torch.dtype) -> None:
+    conn = _connector()
+    with torch.no_grad():  # scores ~1e6: beyond fp16's range, coarse in bf16
+        conn.vlm_uni_query_projector[1].weight.mul_(300)
+        conn.vlm_uni_aux_projector[1].weight.mul_(300)
+        conn = conn.to(dtype)
+        q, hr = torch.randn(2, 4, C).to(dtype), torch.randn(2, C_HR, 8, 8).to(dtype)
+        out = conn(VisionFeatures(q, hr))
+        attn = conn.mining_attention(VisionFeatures(q, hr))
+        # what the release computes for token 0: scores in the model dtype
+        k = conn.vlm_uni_aux_projector(hr[0, :, :4, :4].reshape(C_HR, -1).T)
+        naive = (k @ conn.vlm_uni_query_projector(q[0, 0]) / math.sqrt(C)).softmax(-1)
+    assert torch.isfinite(out).all() and torch.isfinite(attn).all()
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 4))
+    if dtype == torch.float16:
+        assert not torch.isfinite(naive).all()  # the release's fp16 softmax gives NaN here
+
+
+# ----------------------------------------------------------------------------- HR tower
+
+
+def _tower(**config) -> HRTower:
+    torch.manual_seed(0)
+    return HRTower(VisionAuxConfig(timm_name="convnext_tiny", config={**TINY, **config}))
+
+
+def _timm_trunk(**config) -> nn.Module:
+    import timm
+
+    torch.manual_seed(1)
+    return timm.create_model("convnext_tiny", pretrained=False, **TINY, **config).eval()
+
+
+def test_hr_tower_shapes_and_upsampling() -> None:
+    tower = _tower().freeze()
+    assert tower.out_channels == 120 and tower.dims == [8, 16, 32, 64]
+    px = torch.randn(2, 3, 64, 64)
+    out = tower(px)
+    assert out.shape == (2, 120, 16, 16)
+    x, stages = tower.vision_stem(px), []
+    for stage in tower.vision_stages:
+        x = stage(x)
+        stages.append(x)
+    expect = [stages[0]] + [
+        F.interpolate(s, size=(16, 16), mode="bilinear", align_corners=False) for s in stages[1:]
+    ]
+    torch.testing.assert_close(out, torch.cat(expect, 1))
+
+
+def test_hr_tower_key_names_and_mapping() -> None:
+    keys = set(_tower().state_dict())
+    assert "vision_stem.0.weight" in keys and "vision_stem.1.bias" in keys
+    assert "vision_stages.1.downsample.1.weight" in keys
+    assert (
+        "vision_stages.3.blocks.0.gamma" in keys and "vision_stages.0.blocks.0.mlp.fc2.bias" in keys
+    )
+    assert mgm_aux_key_to_timm(
+        "model.vision_tower_aux.vision_stages.2.blocks.0.conv_dw.weight"
+    ) == ("stages.2.blocks.0.conv_dw.weight")
+    assert timm_key_to_mgm("stem.1.weight") == "vision_stem.1.weight"
+    assert timm_key_to_mgm("head.fc.weight") is None
+    assert {mgm_aux_key_to_timm(k) for k in keys} <= set(_timm_trunk().state_dict())
+
+
+def test_frozen_tower_has_no_drop_path() -> None:
+    tower = _tower(drop_path_rate=0.5)
+    parent = nn.ModuleDict({"aux": tower, "head": nn.Linear(2, 2)})
+    px = torch.randn(2, 3, 32, 32)
+    parent.train()
+    torch.manual_seed(0)
+    a = tower(px)
+    b = tower(px)
+    assert not torch.allclose(a, b)  # unfrozen in train mode: drop-path is active
+    tower.freeze()
+    parent.train()
+    assert parent["head"].training and not any(m.training for m in tower.modules())
+    torch.manual_seed(0)
+    a, b = tower(px), tower(px)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not a.requires_grad
+    parent.requires_grad_(True)  # a stage that trains the tower (requires_grad set directly)
+    parent.train()
+    assert tower.training and not tower.frozen and tower(px).requires_grad
+    parent.requires_grad_(False)  # ... and one that does not: eval again on .train()
+    parent.train()
+    assert tower.frozen and not tower.training
+
+
+def _save(state: dict[str, torch.Tensor], path) -> None:
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, str(path))
+
+
+@pytest.mark.parametrize("style", ["timm", "open_clip", "open_clip_dir", "mgm"])
+def test_load_hr_weights(tmp_path, style: str) -> None:
+    trunk = _timm_trunk()
+    state = trunk.state_dict()  # includes head.* keys, which are ignored
+    if style == "timm":
+        path = tmp_path / "convnext.safetensors"
+        _save(state, path)
+    elif style.startswith("open_clip"):
+        state = {f"visual.trunk.{k}": v for k, v in state.items()}
+        state["visual.head.proj.weight"] = torch.zeros(4, 64)  # not trunk: ignored
+        state["transformer.resblocks.0.attn.in_proj_weight"] = torch.zeros(3, 3)
+        state["logit_scale"] = torch.zeros(())
+        path = tmp_path / "open_clip.bin"
+        if style == "open_clip_dir":  # a directory holding open_clip's file name
+            _save(state, tmp_path / "open_clip_pytorch_model.bin")
+            path = tmp_path
+        else:
+            _save(state, path)
+    else:
+        state = {f"model.vision_tower_aux.{timm_key_to_mgm(k)}": v for k, v in state.items()
+                 if timm_key_to_mgm(k)}  # fmt: skip
+        state["model.mm_projector.0.weight"] = torch.zeros(2, 2)
+        path = tmp_path / "mgm.safetensors"
+        _save(state, path)
+    tower = _tower()
+    load_hr_weights(tower, path)
+    px = torch.randn(1, 3, 32, 32)
+    feats = trunk.forward_intermediates(px, intermediates_only=True)  # timm's own stages
+    expect = [feats[0]] + [
+        F.interpolate(f, size=(8, 8), mode="bilinear", align_corners=False) for f in feats[1:]
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(tower.freeze()(px), torch.cat(expect, 1))
+
+
+def test_load_hr_weights_errors(tmp_path) -> None:
+    state = {f"visual.trunk.{k}": v for k, v in _timm_trunk().state_dict().items()}
+    del state["visual.trunk.stages.2.blocks.0.gamma"]
+    state["visual.trunk.stages.4.blocks.0.gamma"] = torch.zeros(3)
+    state["visual.trunk.stem.0.bias"] = torch.zeros(5)
+    _save(state, tmp_path / "bad.bin")
+    with pytest.raises(CheckpointError) as err:
+        load_hr_weights(_tower(), tmp_path / "bad.bin")
+    msg = str(err.value)
+    assert "missing keys (1): vision_stages.2.blocks.0.gamma" in msg
+    assert "unexpected keys (1): vision_stages.4.blocks.0.gamma" in msg
+    assert "vision_stem.0.bias (5,) != (8,)" in msg
+    _save({"text.weight": torch.zeros(2)}, tmp_path / "other.bin")
+    with pytest.raises(CheckpointError, match="no ConvNeXt trunk keys"):
+        load_hr_weights(_tower(), tmp_path / "other.bin")
+    with pytest.raises(CheckpointError, match="no HR tower checkpoint; expected one of"):
+        load_hr_weights(_tower(), tmp_path)  # a directory without a known checkpoint file
+
+
+def test_build_hr_tower_loads_and_freezes(tmp_path) -> None:
+    _save(_timm_trunk().state_dict(), tmp_path / "t.safetensors")
+    cfg = VisionAuxConfig(
+        timm_name="convnext_tiny", config=TINY, path=str(tmp_path / "t.safetensors")
+    )
+    tower = build_hr_tower(cfg)
+    assert tower.frozen and not tower.training
+    assert not any(p.requires_grad for p in tower.parameters())
+
+
+# ----------------------------------------------------------------------------- views
+
+
+QUAD = [[(255, 0, 0), (0, 255, 0)], [(0, 0, 255), (255, 255, 0)]]
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def _quadrants(side: int = 32) -> Image.Image:
+    img = Image.new("RGB", (side, side))
+    h = side // 2
+    for r in range(2):
+        for c in range(2):
+            img.paste(QUAD[r][c], (c * h, r * h, (c + 1) * h, (r + 1) * h))
+    return img
+
+
+def _norm(rgb) -> torch.Tensor:
+    return torch.tensor([(v / 255 - m) / s for v, m, s in zip(rgb, MEAN, STD, strict=True)])
+
+
+def test_hd_views_order_and_pixels() -> None:
+    lr, hr = mgm_views(_quadrants(), 8, 32, 2, True, "square", MEAN, STD)
+    assert lr.shape == (5, 3, 8, 8) and hr.shape == (3, 32, 32)
+    for r in range(2):
+        for c in range(2):
+            crop = lr[1 + r * 2 + c]  # crop (r, c) is a solid quadrant
+            torch.testing.assert_close(crop, _norm(QUAD[r][c])[:, None, None].expand_as(crop))
+            glob = lr[0, :, r * 4 : (r + 1) * 4, c * 4 : (c + 1) * 4]  # global: whole image
+            torch.testing.assert_close(glob, _norm(QUAD[r][c])[:, None, None].expand_as(glob))
+    big = F.interpolate(hr[None], size=(16, 16), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(lr[2], big[:, :8, 8:])  # LR is a bilinear downscale of HR
+
+
+def test_views_single_and_pad() -> None:
+    img = Image.new("RGB", (20, 10), (255, 255, 255))
+    lr, hr = mgm_views(img, 8, 16, aspect="pad", mean=MEAN, std=STD)
+    assert lr.shape == (1, 3, 8, 8) and hr.shape == (3, 16, 16)
+    fill = _norm(tuple(int(m * 255) for m in MEAN))
+    torch.testing.assert_close(hr[:, 0, 8], fill, atol=1e-5, rtol=0)  # padded band: mean colour
+    torch.testing.assert_close(hr[:, 8, 8], _norm((255, 255, 255)), atol=1e-5, rtol=0)
+    _, hr_sq = mgm_views(img, 8, 16, aspect="square", mean=MEAN, std=STD)
+    torch.testing.assert_close(hr_sq[:, 0, 8], _norm((255, 255, 255)), atol=1e-5, rtol=0)
+    tiny, _ = mgm_views(Image.new("RGB", (1, 1)), 8, 16)  # upscaled: fine
+    assert tiny.shape == (1, 3, 8, 8)
+
+
+def test_views_errors() -> None:
+    with pytest.raises(ValueError, match=r"empty image \(0x5\)"):
+        mgm_views(Image.new("RGB", (0, 5)), 8, 16)
+    with pytest.raises(ValueError, match="global view needs image_grid >= 2"):
+        mgm_views(_quadrants(), 8, 16, 1, True)
+    with pytest.raises(ValueError, match="unknown image aspect 'crop'"):
+        mgm_views(_quadrants(), 8, 16, aspect="crop")
+
+
+def test_split_hr_views_order() -> None:
+    hr = torch.randn(2, 6, 8, 8)
+    out = split_hr_views(hr, 2, True)
+    assert out.shape == (10, 6, 4, 4)
+    for b in range(2):
+        torch.testing.assert_close(out[5 * b], F.avg_pool2d(hr[b], 2))  # halved map
+        for r in range(2):
+            for c in range(2):
+                torch.testing.assert_close(
+                    out[5 * b + 1 + 2 * r + c], hr[b, :, r * 4 : (r + 1) * 4, c * 4 : (c + 1) * 4]
+                )
+    assert split_hr_views(hr, 2, False).shape == (8, 6, 4, 4)
+    assert split_hr_views(hr, 1, False) is hr
+    with pytest.raises(ValueError, match="HR map 8x8 cannot be split into a 3x3 grid"):
+        split_hr_views(hr, 3, False)
+
+
+def test_hd_pipeline_tokens() -> None:
+    """HD end to end: 5 LR views + split HR map -> 5N tokens per image."""
+    tower = _tower().freeze()
+    conn = PatchMiningConnector("linear", C, D, tower.out_channels)
+    lr, hr_px = mgm_views(_quadrants(64), 16, 64, 2, True)
+    hr = split_hr_views(tower(hr_px[None]), 2, True)  # [5, 120, 8, 8]
+    with torch.no_grad():
+        out = conn(VisionFeatures(torch.randn(lr.shape[0], 4, C), hr))
+    assert out.shape == (5, 4, D)
