@@ -69,9 +69,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--tasks", default=None, help="comma-separated categories (default: all)")
 
     p = sub.add_parser("convert", help="import a foreign checkpoint into the native format")
-    p.add_argument("--from", dest="fmt", required=True, choices=["hf-llava"])
+    p.add_argument("--from", dest="fmt", required=True, choices=["hf-llava", "moe-llava"])
     p.add_argument("src")
     p.add_argument("dst")
+    p.add_argument("--vision-tower", default=None, help="HF CLIP vision model directory (moe-llava)")
+    p.add_argument("--template", default=None, help="chat template name (default: the checkpoint's)")
+
+    p = sub.add_parser("inspect-routing", help="plot how MoE layers route image vs text tokens")
+    p.add_argument("--model", required=True, help="a native MoE model directory")
+    p.add_argument("--data", required=True, help="LLaVA JSON/JSONL records (teacher-forced)")
+    p.add_argument("--image-folder", default=None)
+    p.add_argument("--limit", type=int, default=None, help="first N records")
+    p.add_argument("--out", required=True, help="PNG file for the bar-chart grid")
+    p.add_argument("--json", action="store_true", help="print the shares as JSON")
 
     p = sub.add_parser("serve", help="OpenAI-compatible API and web UI (127.0.0.1 by default)")
     p.add_argument("--model", default=None, help="model directory (default: the bundled model)")
@@ -100,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from minigem import commands
 
-    handler = getattr(commands, f"cmd_{args.cmd}")
+    handler = getattr(commands, f"cmd_{args.cmd.replace('-', '_')}")
     try:
         return handler(args) or 0
     except MinigemError as err:

@@ -159,10 +159,31 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from minigem.checkpoints import hf_llava
+    if args.fmt == "moe-llava":
+        from minigem.checkpoints.moe_llava import import_moe_llava
 
-    out = hf_llava.import_hf_llava(args.src, args.dst)
+        out = import_moe_llava(args.src, args.dst, vision_tower=args.vision_tower, template=args.template)
+    else:
+        from minigem.checkpoints import hf_llava
+
+        out = hf_llava.import_hf_llava(args.src, args.dst)
     print(out)
+    return 0
+
+
+def cmd_inspect_routing(args: argparse.Namespace) -> int:
+    from minigem.data.llava_json import LlavaJsonDataset
+    from minigem.evaluation.routing import collect_routing, plot_routing
+
+    model = load(args.model)
+    source = LlavaJsonDataset(args.data, args.image_folder, image_token=model.config.image_token)
+    stats = collect_routing(model, source, limit=args.limit)
+    plot_routing(stats, args.out)
+    if args.json:
+        print(json.dumps(stats.to_dict(), indent=2))
+    else:
+        print(stats.format())
+    print(f"plot: {args.out}", file=sys.stderr)
     return 0
 
 

@@ -120,6 +120,8 @@ class SynthConfig(StrictModel):
     seed: int = 0
     image_size: int = 128
     tasks: list[str] | None = None  # categories to draw from; None = all
+    mix: dict[str, float] | None = None  # category weights (overrides `tasks`); None = default mix
+    max_turns: int = Field(4, ge=2)  # conversation records have 2..max_turns question-answer pairs
 
 
 class DataConfig(StrictModel):

@@ -5,8 +5,10 @@ registry ``CONNECTORS``; each takes ``VisionFeatures`` and returns ``[B, T, D_ll
 reports ``num_tokens(n_low_res_tokens)``.
 """
 
+from minigem.connectors import (
+    mlp,  # noqa: F401  (registers linear, mlp2x_gelu)
+    patch_mining,  # noqa: F401  (registers patch_mining)
+)
 from minigem.connectors.base import CONNECTORS, Connector, build_connector
-from minigem.connectors import mlp  # noqa: F401  (registers linear, mlp2x_gelu)
-from minigem.connectors import patch_mining  # noqa: F401  (registers patch_mining)
 
 __all__ = ["CONNECTORS", "Connector", "build_connector"]

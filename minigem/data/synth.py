@@ -259,10 +259,10 @@ ASKERS: dict[str, Callable[[Scene, random.Random], QA | None]] = {
 CAPTION_PROMPT = "Describe the image in detail."
 
 
-def _conversation(scene: Scene, rng: random.Random) -> list[QA]:
+def _conversation(scene: Scene, rng: random.Random, max_turns: int = 4) -> list[QA]:
     turns: list[QA] = []
-    want = rng.randint(2, 4)
-    for _ in range(20):  # a few tries: some kinds do not apply, questions must not repeat
+    want = rng.randint(2, max_turns)
+    for _ in range(5 * max_turns):  # a few tries: some kinds do not apply, questions must not repeat
         qa = ASKERS[rng.choice(tuple(ASKERS))](scene, rng)
         if qa is not None and all(qa[0] != q for q, _ in turns):
             turns.append(qa)
@@ -281,18 +281,23 @@ def _check_tasks(tasks: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
 
 
 def make_conversation(
-    index: int, seed: int, tasks: list[str] | None = None
+    index: int, seed: int, tasks: list[str] | None = None,
+    mix: dict[str, float] | None = None, max_turns: int = 4,
 ) -> tuple[Scene, str, list[Message]]:
-    """The scene, category and messages of record `index` (everything but the pixels)."""
-    keep = _check_tasks(tasks)
+    """The scene, category and messages of record `index` (everything but the pixels).
+
+    mix: category weights (default MIX); max_turns: longest conversation (2..max_turns QAs).
+    """
+    keep = _check_tasks(tasks if mix is None else list(mix))
+    weights = MIX if mix is None else mix
     rng = random.Random(f"minigem-synth/{seed}/{index}")
-    category = rng.choices(keep, weights=[MIX[c] for c in keep])[0]
+    category = rng.choices(keep, weights=[weights[c] for c in keep])[0]
     for _ in range(50):
         scene = make_scene(rng, need_glyph=category == "glyph")
         if category == "caption":
             turns: list[QA] = [(CAPTION_PROMPT, caption(scene))]
         elif category == "conversation":
-            turns = _conversation(scene, rng)
+            turns = _conversation(scene, rng, max_turns)
         else:
             qa = ASKERS[category](scene, rng)
             turns = [qa] if qa is not None else []
@@ -308,10 +313,11 @@ def make_conversation(
 
 
 def make_sample(
-    index: int, seed: int, image_size: int = 128, tasks: list[str] | None = None
+    index: int, seed: int, image_size: int = 128, tasks: list[str] | None = None,
+    mix: dict[str, float] | None = None, max_turns: int = 4,
 ) -> Sample:
     """Record `index` of the world with this seed: one image, deterministic in (seed, index)."""
-    scene, category, messages = make_conversation(index, seed, tasks)
+    scene, category, messages = make_conversation(index, seed, tasks, mix, max_turns)
     return Sample(
         id=f"synth-{seed}-{index:07d}", messages=messages, images=[render(scene, image_size)],
         category=category, source=f"synth(seed={seed})",
@@ -321,7 +327,13 @@ def make_sample(
 class SynthSource:
     """An on-the-fly dataset of `n` synthetic Samples (index i -> make_sample(i, seed, ...))."""
 
-    def __init__(self, n: int, seed: int, image_size: int = 128, tasks: list[str] | None = None):
+    def __init__(self, n: int, seed: int, image_size: int = 128, tasks: list[str] | None = None,
+                 mix: dict[str, float] | None = None, max_turns: int = 4):
+        if max_turns < 2:
+            raise DataError(f"max_turns must be >= 2, got {max_turns}")
+        if mix is not None and (not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0):
+            raise DataError(f"synthetic mix must have non-negative weights with a positive sum, got {mix}")
+        self.mix, self.max_turns = mix, max_turns
         if n < 0:
             raise DataError(f"synthetic dataset size must be >= 0, got {n}")
         if image_size < MIN_IMAGE_SIZE:
@@ -335,7 +347,8 @@ class SynthSource:
     def __getitem__(self, i: int) -> Sample:
         if not -self.n <= i < self.n:
             raise IndexError(f"index {i} out of range for SynthSource of size {self.n}")
-        return make_sample(i % self.n, self.seed, self.image_size, self.tasks)
+        return make_sample(i % self.n, self.seed, self.image_size, self.tasks, self.mix,
+                           self.max_turns)
 
 
 # ---------------------------------------------------------------- files

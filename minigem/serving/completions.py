@@ -28,6 +28,7 @@ POLL_S = 0.25  # how often a waiting request checks that its client is still the
 
 
 async def chat_completions(request: Request, body: ChatCompletionRequest):
+    arrived = time.monotonic()
     app = request.app
     settings, engine, model = app.state.settings, app.state.engine, app.state.model
     check_model(body.model, settings.model_name)
@@ -38,7 +39,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
         raise _busy429(engine, settings)
     prepared: Prepared = await run_in_threadpool(prepare, model, settings, body)
     job = Job(prepared.prompt_ids, prepared.pixel_values, prepared.pixel_values_aux, prepared.gen,
-              timeout_s=settings.timeout_s, loop=asyncio.get_running_loop())
+              timeout_s=settings.timeout_s, loop=asyncio.get_running_loop(), created=arrived)
     try:
         engine.submit(job)
     except QueueFull:
@@ -86,13 +87,18 @@ async def _images(app, text: str) -> list[dict]:
 async def _events(job: Job, request: Request) -> AsyncIterator[Event]:
     """The job's events until Done/Failed; cancels the job if the client goes away first."""
     finished = False
+    checked = time.monotonic()
     try:
         while True:
             try:
                 ev = await asyncio.wait_for(job.events.get(), POLL_S)
             except asyncio.TimeoutError:
+                ev = None
+            if time.monotonic() - checked >= POLL_S:
                 if await request.is_disconnected():
                     return
+                checked = time.monotonic()
+            if ev is None:
                 continue
             finished = isinstance(ev, Done | Failed)
             yield ev

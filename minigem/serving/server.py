@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from minigem.errors import MinigemError
 from minigem.serving.settings import RemoteImages, ServeSettings
 
@@ -29,6 +31,8 @@ def is_loopback(host: str) -> bool:
 def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, threads: int | None = None, **limits) -> int:
     """Blocking: serve until interrupted. ``limits``: ServeSettings fields (+ remote_images)."""
+    if not 0 < port < 65536:
+        raise MinigemError(f"--port must be in 1..65535, got {port}")
     import torch
     import uvicorn
 
@@ -36,15 +40,17 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000,
     from minigem.serving.api import create_app
 
     api_key = api_key or os.environ.get("MINIGEM_API_KEY") or None
-    if not 0 < port < 65536:
-        raise MinigemError(f"--port must be in 1..65535, got {port}")
     if not is_loopback(host) and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     if threads:
         torch.set_num_threads(threads)
-    remote = RemoteImages(enabled=bool(limits.pop("allow_remote_images", False)))
-    settings = ServeSettings(model_name=model_name(model_path), api_key=api_key,
-                             remote_images=remote, **{k: v for k, v in limits.items() if v is not None})
+    try:
+        remote = RemoteImages(enabled=bool(limits.pop("allow_remote_images", False)))
+        settings = ServeSettings(model_name=model_name(model_path), api_key=api_key, remote_images=remote,
+                                 **{k: v for k, v in limits.items() if v is not None})
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise MinigemError(f"serve: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     model = load_model(model_path)
     app = create_app(model, settings)
     print(f"minigem: serving {settings.model_name} on http://{host}:{port}/ (API at /v1, docs at /docs)",

@@ -98,7 +98,10 @@ class Trainer:
                 state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
                 start_stage, start_step = state["stage"], state["step"]
                 self.history = state.get("history", [])
-                self._prepare_structure(start_stage)
+                # The checkpoint holds the structure of the stage it was saved in: mid-stage,
+                # that stage's; at a boundary (step 0), the previous stage's (an `upcycle`
+                # stage then upcycles the loaded dense weights when it starts).
+                self._prepare_structure(start_stage if start_step > 0 else start_stage - 1)
                 from safetensors.torch import load_file
 
                 load_state(self.model, load_file(str(ckpt / "model.safetensors")), str(ckpt))
@@ -168,7 +171,6 @@ class Trainer:
                 sched.load_state_dict(state["scheduler"])
             if heads is not None and state.get("heads") is not None:
                 heads.load_state_dict(state["heads"])
-            set_rng_state(state["rng"])
         engine, opt = acc.prepare(model, opt)
         if heads is not None:
             heads = heads.to(acc.device)
@@ -188,7 +190,12 @@ class Trainer:
             bar = tqdm(total=total, initial=start, desc=stage.name, dynamic_ncols=True)
         step, micro, t0, seen, run_loss = start, 0, time.perf_counter(), 0, 0.0
         extra: dict[str, float] = {}
-        for batch in loader:
+        batches = iter(loader)  # draws the loader's base seed from the RNG, as a fresh run does
+        if state is not None and state.get("optimizer") is not None:
+            # Mid-stage resume: the RNG continues where the interrupted run saved it. (At a stage
+            # boundary the per-stage seed above already matches an uninterrupted run.)
+            set_rng_state(state["rng"])
+        for batch in batches:
             batch = {k: (v.to(acc.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
             micro += 1
             sync = micro % stage.grad_accum == 0

@@ -1,0 +1,136 @@
+"""Serving throughput and latency at several concurrency levels, against `minigem serve`.
+
+Starts the server as a subprocess on 127.0.0.1 (the bundled model, or --model; with neither,
+a random-weight model of the bundled architecture), then runs closed-loop clients: C
+workers, each sending its next request as soon as the last one is answered. Every request
+carries one image and a question; answers are capped at --max-tokens. Prints requests/s,
+generated tokens/s, p50/p99 latency per level, and the batched / sequential ratio.
+
+    python benchmarks/bench_serve.py [--model DIR] [--levels 1,8,32] [--requests 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from minigem.serving.testing import free_port, png_data_url  # noqa: E402
+
+QUESTIONS = ["What color is the circle?", "How many objects are there?", "Describe the image.",
+             "Where is the red square?"]
+
+
+def model_dir(arg: str | None, tmp: Path) -> tuple[str | None, str]:
+    from minigem.checkpoints.native import BUNDLED
+
+    if arg:
+        return arg, arg
+    if (BUNDLED / "config.json").is_file():
+        return None, "bundled tiny-shapes"
+    from minigem.checkpoints.native import save_model
+    from minigem.config import load_recipe
+    from minigem.training.build import build_for_recipe
+
+    model = build_for_recipe(load_recipe(ROOT / "recipes" / "tiny-shapes.yaml"))
+    return str(save_model(model, tmp / "tiny-shapes-random")), "tiny-shapes architecture, random weights"
+
+
+def start_server(model: str | None, port: int, args: argparse.Namespace) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "minigem.cli", "serve", "--port", str(port), "--max-batch",
+           str(args.max_batch), "--max-queue", "1024", "--timeout", "600"]
+    if model:
+        cmd += ["--model", model]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).raise_for_status()
+            return proc
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise SystemExit("the server did not come up in 300 s") from None
+            time.sleep(0.3)
+
+
+def body(k: int, max_tokens: int) -> dict:
+    image = png_data_url(((37 * k) % 256, 120, 200), (48 + 16 * (k % 3), 48))
+    return {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": image}},
+        {"type": "text", "text": QUESTIONS[k % len(QUESTIONS)]}]}],
+        "max_tokens": max_tokens, "temperature": 0}
+
+
+async def run_level(url: str, concurrency: int, n: int, max_tokens: int) -> dict:
+    latencies: list[float] = []
+    tokens = 0
+    todo = iter(range(n))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        for k in todo:
+            t0 = time.perf_counter()
+            r = await client.post("/v1/chat/completions", json=body(k, max_tokens))
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - t0)
+            tokens += r.json()["usage"]["completion_tokens"]
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    latencies.sort()
+    return {"c": concurrency, "n": n, "rps": n / wall, "tps": tokens / wall,
+            "p50": statistics.median(latencies) * 1e3,
+            "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1e3,
+            "tokens": tokens / n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model directory (default: the bundled model)")
+    ap.add_argument("--levels", default="1,8,32")
+    ap.add_argument("--requests", type=int, default=64, help="requests per level")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None, help="server torch threads")
+    args = ap.parse_args()
+    levels = [int(c) for c in args.levels.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        model, what = model_dir(args.model, Path(tmp))
+        port = free_port()
+        proc = start_server(model, port, args)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            asyncio.run(run_level(url, 2, 4, args.max_tokens))  # warm-up
+            rows = [asyncio.run(run_level(url, c, args.requests, args.max_tokens)) for c in levels]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    print(f"model: {what}; {args.requests} requests per level, 1 image + question each, "
+          f"max_tokens {args.max_tokens}, max batch {args.max_batch}, cpus {os.cpu_count()}")
+    print(f"{'concurrency':>11} {'req/s':>8} {'tok/s':>8} {'tok/req':>8} {'p50 ms':>8} {'p99 ms':>8} {'x seq':>6}")
+    base = rows[0]["rps"]
+    for r in rows:
+        print(f"{r['c']:>11} {r['rps']:>8.2f} {r['tps']:>8.1f} {r['tokens']:>8.1f} {r['p50']:>8.0f} "
+              f"{r['p99']:>8.0f} {r['rps'] / base:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()

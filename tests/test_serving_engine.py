@@ -1,0 +1,179 @@
+"""Continuous batching: DecodeBatch equals generate(); the engine's queue, cancellation,
+timeouts, streaming hold-back, and a worker that survives a failing request."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from minigem.checkpoints.native import load_model
+from minigem.generation.batch import DecodeBatch, Row
+from minigem.generation.decode import Generation, GenerationConfig, generate
+from minigem.serving.engine import Delta, Done, Engine, Failed, Job, QueueFull
+from minigem.serving.testing import tiny_checkpoint
+
+QUESTIONS = ["What color is the circle?", "Describe the image.", "How many squares are there? one two"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(tiny_checkpoint())
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    ids = [model.encode_prompt(model.user_messages(q, 1), 1) for q in QUESTIONS]
+    images = [Image.new("RGB", (20 + 10 * i, 30), (60 * i, 120, 40)) for i in range(3)]
+    return ids, model.processor(images)["pixel_values"]
+
+
+def test_rows_joining_and_leaving_match_generate(model, prompts):
+    ids, pix = prompts
+    gen = GenerationConfig(max_new_tokens=24, stop=("</s>",))
+    ref = [generate(model, [p], pix[i : i + 1], None, gen)[0] for i, p in enumerate(ids)]
+    batch = DecodeBatch(model)
+    rows = [Row(gen=GenerationConfig(max_new_tokens=n, stop=("</s>",)), tag=i)
+            for i, n in enumerate([24, 6, 24])]
+    batch.add(ids[:1], pix[:1], None, rows[:1])
+    for _ in range(4):  # row 0 runs ahead; rows 1-2 join with a longer prompt
+        batch.step()
+    batch.add(ids[1:], pix[1:], None, rows[1:])
+    finished = []
+    while len(batch):
+        finished += [r.tag for r in batch.step()]
+    assert finished == [1, 0, 2]  # the short row leaves first, the late one last
+    for row in rows:
+        n = row.gen.max_new_tokens
+        assert row.out.token_ids == ref[row.tag].token_ids[:n]
+        assert row.out.finish_reason == "length" and row.out.prompt_tokens == len(ids[row.tag])
+
+
+def test_seeded_sampling_ignores_neighbours(model, prompts):
+    ids, pix = prompts
+
+    def sampled(with_neighbours: bool) -> list[int]:
+        batch = DecodeBatch(model)
+        row = Row(gen=GenerationConfig(max_new_tokens=12, temperature=1.0, seed=3))
+        others = [Row(gen=GenerationConfig(max_new_tokens=12, temperature=0.7)) for _ in range(2)]
+        if with_neighbours:
+            batch.add(ids, pix, None, [others[0], row, others[1]])
+        else:
+            batch.add(ids[1:2], pix[1:2], None, [row])
+        while len(batch):
+            batch.step()
+        return row.out.token_ids
+
+    assert sampled(True) == sampled(False)
+
+
+def test_callback_cancels_a_row(model, prompts):
+    ids, pix = prompts
+    batch = DecodeBatch(model)
+    rows = [Row(gen=GenerationConfig(max_new_tokens=20), on_token=lambda g: len(g.token_ids) < 3),
+            Row(gen=GenerationConfig(max_new_tokens=20))]
+    batch.add(ids[:2], pix[:2], None, rows)
+    while len(batch):
+        batch.step()
+    assert rows[0].out.finish_reason == "cancelled" and len(rows[0].out.token_ids) == 3
+    assert len(rows[1].out.token_ids) == 20
+
+
+def _collect(job: Job) -> list:
+    sent = []
+    job.emit = sent.append  # type: ignore[method-assign]
+    return sent
+
+
+def test_stream_holds_back_stop_prefixes_and_partial_characters():
+    job = Job([1], None, None, GenerationConfig(stop=("STOP",)), 10, loop=None)  # type: ignore[arg-type]
+    sent = _collect(job)
+    for text in ["ab", "abS", "abST", "abSTX", "abSTX\ufffd", "abSTXé"]:
+        job.stable_text(Generation(text=text), final=False)
+    assert [e.text for e in sent] == ["ab", "STX", "é"]
+    job.stable_text(Generation(text="abSTXéST"), final=True)
+    assert sent[-1].text == "ST"
+
+
+async def _run(engine: Engine, job_kw: dict, n: int = 1, timeout: float = 60) -> list[list]:
+    loop = asyncio.get_running_loop()
+    jobs = [Job(loop=loop, **job_kw) for _ in range(n)]
+    for j in jobs:
+        engine.submit(j)
+
+    async def drain(job: Job) -> list:
+        events = []
+        while not events or isinstance(events[-1], Delta):
+            events.append(await asyncio.wait_for(job.events.get(), timeout))
+        return events
+
+    return await asyncio.gather(*(drain(j) for j in jobs))
+
+
+def test_engine_batches_and_streams(model, prompts):
+    ids, _ = prompts
+    engine = Engine(model, max_batch=4, max_queue=16).start()
+    try:
+        kw = dict(prompt_ids=ids[1][-10:], pixel_values=None, pixel_values_aux=None,
+                  gen=GenerationConfig(max_new_tokens=8), timeout_s=60)
+        results = asyncio.run(_run(engine, kw, n=6))
+    finally:
+        engine.stop()
+    for events in results:
+        done = events[-1]
+        assert isinstance(done, Done) and done.completion_tokens == 8
+        assert "".join(e.text for e in events[:-1]) == done.text
+    assert engine.stats["peak_batch"] > 1 and engine.stats["completed"] == 6
+
+
+def test_queue_limit():
+    engine = Engine(model=None, max_batch=1, max_queue=2)  # not started: nothing drains
+    job = dict(prompt_ids=[1], pixel_values=None, pixel_values_aux=None, gen=GenerationConfig(),
+               timeout_s=1, loop=None)
+    engine.submit(Job(**job))
+    engine.submit(Job(**job))
+    with pytest.raises(QueueFull):
+        engine.submit(Job(**job))
+    assert engine.queued == 2 and engine.stats["rejected"] == 1
+
+
+def test_timeout_cancel_and_survival(model, prompts):
+    ids, _ = prompts
+    engine = Engine(model, max_batch=2, max_queue=8).start()
+    base = dict(prompt_ids=ids[1][-10:], pixel_values=None, pixel_values_aux=None,
+                gen=GenerationConfig(max_new_tokens=400))
+    try:
+        [[*_, timed_out]] = asyncio.run(_run(engine, {**base, "timeout_s": 0.05}))
+        assert isinstance(timed_out, Failed) and timed_out.status == 408
+        # image tokens without pixels: the prefill raises; the job fails, the worker lives on
+        bad = {**base, "prompt_ids": [model.image_token_id] * 4, "timeout_s": 30}
+        [[failed]] = asyncio.run(_run(engine, bad))
+        assert isinstance(failed, Failed) and failed.status == 500
+
+        async def cancel_midway() -> None:
+            job = Job(loop=asyncio.get_running_loop(), timeout_s=60, **base)
+            engine.submit(job)
+            assert isinstance(await asyncio.wait_for(job.events.get(), 30), Delta)
+            job.cancel()
+
+        asyncio.run(cancel_midway())
+        deadline = time.monotonic() + 10
+        while engine.stats["cancelled"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.stats["cancelled"] == 1
+        ok = {**base, "gen": GenerationConfig(max_new_tokens=3), "timeout_s": 30}
+        [[*_, done]] = asyncio.run(_run(engine, ok))
+        assert isinstance(done, Done) and done.completion_tokens == 3
+    finally:
+        engine.stop()

@@ -1,0 +1,156 @@
+"""Under load, against a live server: 64 concurrent mixed requests all succeed (batched), a
+full queue answers 429 with Retry-After, a client that goes away cancels its work, and a
+request over its time limit answers 408."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+import torch
+
+from minigem.checkpoints.native import load_model
+from minigem.serving.api import create_app
+from minigem.serving.settings import ServeSettings
+from minigem.serving.testing import LiveServer, png_data_url, tiny_checkpoint
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(tiny_checkpoint())
+
+
+def serve(model, **kw):
+    return LiveServer(create_app(model, ServeSettings(model_name="tiny", **kw)))
+
+
+@contextlib.contextmanager
+def slowed(model, seconds: float = 0.005):
+    """Every LM forward takes at least `seconds`: long requests stay running long enough."""
+    hook = model.language_model.register_forward_pre_hook(lambda *_: time.sleep(seconds))
+    try:
+        yield model
+    finally:
+        hook.remove()
+
+
+def wait_for(cond, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_64_concurrent_mixed_requests(model):
+    rng = random.Random(0)
+    images = [png_data_url((rng.randrange(256), 90, 200), (16 + 8 * k, 24)) for k in range(4)]
+
+    async def one(client: openai.AsyncOpenAI, k: int) -> tuple[int, int, str | None]:
+        n_tokens = rng.choice([1, 4, 16, 40])
+        content: list[dict] = [{"type": "image_url", "image_url": {"url": u}}
+                               for u in images[: k % 3]]
+        content.append({"type": "text", "text": " ".join(["Describe the image."] * (1 + k % 5))})
+        kw = dict(model="tiny", messages=[{"role": "user", "content": content}],
+                  max_tokens=n_tokens, temperature=(k % 2) * 0.8, seed=k)
+        if k % 4 == 0:
+            stream = await client.chat.completions.create(
+                stream=True, stream_options={"include_usage": True}, **kw)
+            chunks = [c async for c in stream]
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+            return n_tokens, chunks[-1].usage.completion_tokens, finish
+        r = await client.chat.completions.create(**kw)
+        return n_tokens, r.usage.completion_tokens, r.choices[0].finish_reason
+
+    async def main(url: str) -> list[tuple[int, int, str | None]]:
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0,
+                                      timeout=300) as client:
+            return await asyncio.gather(*(one(client, k) for k in range(64)))
+
+    with serve(model, max_batch=8, max_queue=64) as srv:
+        results = asyncio.run(main(srv.url))
+        engine = srv.app.state.engine
+        assert engine.stats["completed"] == 64 and engine.stats["failed"] == 0
+        assert engine.stats["peak_batch"] == 8  # requests really were decoded together
+    # sampled rows may draw the end-of-sequence token: those stop early ("stop")
+    assert all(got == asked if finish == "length" else got < asked for asked, got, finish in results)
+    assert sum(finish == "length" for _, _, finish in results) > 48
+
+
+def _stream(url: str, max_tokens: int) -> tuple[httpx.Client, httpx.Response, Iterator[str]]:
+    """A running streamed request (keep the line iterator: closing it closes the connection)."""
+    client = httpx.Client(timeout=60)
+    body = {"messages": [{"role": "user", "content": "Describe the image."}],
+            "max_tokens": max_tokens, "stream": True}
+    req = client.build_request("POST", url + "/v1/chat/completions", json=body)
+    resp = client.send(req, stream=True)
+    assert resp.status_code == 200
+    lines = resp.iter_lines()
+    assert next(lines).startswith("data: ")  # the role chunk: the request is running
+    next(lines)
+    return client, resp, lines
+
+
+def test_full_queue_answers_429_and_disconnect_cancels(model):
+    with slowed(model), serve(model, max_batch=1, max_queue=1, max_tokens_limit=500,
+                              retry_after_s=3) as srv:
+        engine = srv.app.state.engine
+        running, resp, lines = _stream(srv.url, 480)
+        assert wait_for(lambda: engine.running == 1)
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+        async def queued_then_full() -> tuple[httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+                first = asyncio.create_task(c.post("/v1/chat/completions", json=body))
+                while engine.queued < 1:
+                    await asyncio.sleep(0.01)
+                second = await c.post("/v1/chat/completions", json=body)
+                lines.close()  # the streaming client goes away: its row is cancelled
+                resp.close()
+                running.close()
+                return await first, second
+
+        ok, full = asyncio.run(queued_then_full())
+        assert full.status_code == 429 and full.headers["retry-after"] == "3"
+        assert full.json()["error"]["type"] == "rate_limit_error"
+        assert ok.status_code == 200  # it ran once the cancelled stream left the batch
+        assert wait_for(lambda: engine.stats["cancelled"] == 1 and engine.running == 0)
+        assert engine.stats["completed"] == 1
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        assert client.chat.completions.create(model="tiny", messages=body["messages"],
+                                              max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_waiting_client_that_leaves_cancels(model):
+    with slowed(model), serve(model, max_batch=2, max_tokens_limit=500) as srv:
+        engine = srv.app.state.engine
+        body = {"messages": [{"role": "user", "content": "Describe the image."}], "max_tokens": 480}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+        assert wait_for(lambda: engine.stats["cancelled"] == 1 and engine.running == 0)
+        assert engine.stats["completed"] == 0
+
+
+def test_request_timeout_answers_408(model):
+    with slowed(model), serve(model, timeout_s=0.05, max_tokens_limit=500) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIStatusError, match="timed out") as info:
+            client.chat.completions.create(model="tiny", max_tokens=480,
+                                           messages=[{"role": "user", "content": "Describe the image."}])
+        assert info.value.status_code == 408 and info.value.body["code"] == "timeout"
+        assert httpx.get(srv.url + "/health").json()["status"] == "ok"

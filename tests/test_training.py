@@ -1,0 +1,195 @@
+"""Training through the CLI a user types: artifacts, exact resume, learning, gradient
+accumulation, and the errors a user sees for a bad recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_recipe
+from safetensors.torch import load_file
+
+from minigem.cli import main
+
+CONTRASTIVE = {
+    "name": "contrastive", "kind": "contrastive", "train": ["vision"],
+    "data": {"synth": {"n": 32, "seed": 1, "image_size": 96, "tasks": ["caption"]}},
+    "lr": 1e-3, "batch_size": 4, "steps": 3,
+    "contrastive": {"embed_dim": 16, "text_width": 32, "text_layers": 1, "text_heads": 2,
+                    "max_text_tokens": 64},
+}
+INSTRUCT = {
+    "name": "instruct", "train": ["connector", "llm"],
+    "data": {"synth": {"n": 32, "seed": 3, "image_size": 96}},
+    "lr": 1e-3, "batch_size": 4, "steps": 3,
+}
+# Dropout makes the result depend on the RNG stream, so exact resume must restore it right.
+DROPOUT = ["model.llm.config.attention_dropout=0.2", "model.vision.config.attention_dropout=0.2"]
+EVAL = {"eval_data": {"synth": {"n": 3, "seed": 9, "image_size": 96}}}
+
+
+def _train(recipe: Path, *args: str) -> None:
+    assert main(["train", str(recipe), *args]) == 0
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    """Both stages, 3 + 3 steps, uninterrupted."""
+    tmp = tmp_path_factory.mktemp("full")
+    _train(tiny_recipe(tmp, [CONTRASTIVE, {**INSTRUCT, **EVAL}], eval_every=2), *DROPOUT)
+    return tmp / "run"
+
+
+def test_run_writes_its_artifacts(full_run):
+    from minigem.checkpoints.native import load_model
+    from minigem.config import load_recipe
+
+    final = full_run / "final"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in final.iterdir()}
+    assert (full_run / "loss.png").stat().st_size > 1000
+    assert list((full_run / "logs").glob("events.out.tfevents.*"))
+    recipe = load_recipe(full_run / "recipe.yaml")  # the resolved recipe, loadable as is
+    assert [s.name for s in recipe.training.stages] == ["contrastive", "instruct"]
+    assert recipe.model.llm.config["attention_dropout"] == 0.2  # CLI overrides are recorded
+    rows = _metrics(full_run)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [(r["stage"], r["step"]) for r in train_rows] == [
+        ("contrastive", 1), ("contrastive", 2), ("contrastive", 3),
+        ("instruct", 1), ("instruct", 2), ("instruct", 3),
+    ]
+    assert all(r["loss"] > 0 and "lr" in r and "samples_per_s" in r for r in train_rows)
+    assert "retrieval_acc" in train_rows[0] and "retrieval_acc" not in train_rows[-1]
+    evals = [r for r in rows if "eval_accuracy" in r]  # every eval_every steps and at the end
+    assert [(r["stage"], r["step"]) for r in evals] == [("instruct", 2), ("instruct", 3)]
+    assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in evals)
+    model = load_model(final)  # the final checkpoint is usable
+    assert isinstance(model.chat(None, "How many objects are there?", max_new_tokens=2), str)
+    # only the trained towers changed: the contrastive stage trains the vision tower, the
+    # instruct stage connector + llm; all differ from the seeded initial model
+    from minigem.training.build import build_for_recipe
+
+    init = build_for_recipe(recipe).state_dict()
+    w = _weights(full_run)
+    for prefix in ("vision_tower.", "connector.", "language_model."):
+        assert any(not torch.equal(w[k], init[k]) for k in w if k.startswith(prefix)), prefix
+
+
+def test_resume_is_bit_identical(full_run, tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path, [CONTRASTIVE, {**INSTRUCT, **EVAL}], eval_every=2)
+    run = tmp_path / "run"
+    latest = run / "checkpoints" / "latest"
+    _train(recipe, *DROPOUT, "--stop-after", "2")  # interrupted inside the contrastive stage
+    assert not (run / "final").exists()
+    assert "checkpoint: " + str(run / "checkpoints" / "stage0-step0000002") in capsys.readouterr().out
+    _train(recipe, *DROPOUT, "--resume", "--stop-after", "1")  # stops exactly at the stage boundary
+    assert latest.read_text().strip() == "stage1-step0000000"
+    _train(recipe, *DROPOUT, "--resume", "--stop-after", "2")  # inside the instruct stage
+    assert latest.read_text().strip() == "stage1-step0000002"
+    assert not (run / "final").exists()
+    _train(recipe, *DROPOUT, "--resume")
+    a, b = _weights(full_run), _weights(run)
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert diff == []
+    # the logged numbers are the same, each step logged once
+    fields = ("stage", "step", "loss", "eval_accuracy", "retrieval_acc")
+    rows = [tuple(r.get(f) for f in fields) for r in _metrics(full_run)]
+    assert [tuple(r.get(f) for f in fields) for r in _metrics(run)] == rows
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path):
+    stage = {**INSTRUCT, "steps": 2}
+    _train(tiny_recipe(tmp_path, [stage], name="a.yaml"), "--resume")
+    fresh = tmp_path / "run"
+    assert (fresh / "final").is_dir()
+    (tmp_path / "b").mkdir()
+    _train(tiny_recipe(tmp_path / "b", [stage]))
+    a, b = _weights(fresh), _weights(tmp_path / "b" / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loss_goes_down_on_a_tiny_overfit_task(tmp_path):
+    stage = {"name": "instruct", "train": ["connector", "llm"],
+             "data": {"synth": {"n": 8, "seed": 5, "image_size": 96, "tasks": ["color", "shape"]}},
+             "lr": 1e-2, "batch_size": 8, "steps": 25, "schedule": "constant", "warmup_ratio": 0.0}
+    _train(tiny_recipe(tmp_path, [stage]))
+    losses = [r["loss"] for r in _metrics(tmp_path / "run")]
+    assert len(losses) == 25
+    assert losses[-1] < 0.3 * losses[0], losses
+    assert min(losses[-5:]) < 1.0, losses
+
+
+def _accum_run(tmp_path: Path, name: str, batch: int, accum: int) -> dict[str, torch.Tensor]:
+    stage = {"name": "instruct", "train": ["connector", "llm"],
+             # one-token answers ("yes"/"no"): every row supervises the same number of tokens,
+             # so the mean of micro-batch losses equals the loss of the whole batch
+             "data": {"synth": {"n": 16, "seed": 2, "image_size": 96, "tasks": ["existence"]}},
+             "lr": 1e-3, "batch_size": batch, "grad_accum": accum, "steps": 2,
+             "schedule": "constant", "warmup_ratio": 0.0}
+    d = tmp_path / name
+    d.mkdir()
+    _train(tiny_recipe(d, [stage]))
+    return _weights(d / "run")
+
+
+def test_grad_accumulation_matches_a_big_batch(tmp_path):
+    big = _accum_run(tmp_path, "big", 8, 1)
+    accum = _accum_run(tmp_path, "accum", 4, 2)
+    half = _accum_run(tmp_path, "half", 4, 1)  # what accumulation must not be
+    moved = max((big[k] - half[k]).abs().max().item() for k in big)
+    assert moved > 1e-4
+    for k in big:
+        torch.testing.assert_close(accum[k], big[k], rtol=0, atol=2e-5, msg=k)
+
+
+def test_missing_tokenizer(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path, [INSTRUCT])
+    data = yaml.safe_load(recipe.read_text())
+    del data["model"]["tokenizer_train"]
+    recipe.write_text(yaml.safe_dump(data))
+    assert main(["train", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: no tokenizer: set model.tokenizer to a tokenizer directory "
+        "(or model.llm.path to a model directory that has one)"
+    )
+    assert main(["train", str(recipe), f"model.tokenizer={tmp_path / 'nope'}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: model.tokenizer: {tmp_path / 'nope'} is not a directory"
+    )
+
+
+def test_empty_dataset(tmp_path, capsys):
+    data = tmp_path / "empty.json"
+    data.write_text("[]")
+    stage = {**INSTRUCT, "data": {"path": str(data)}}
+    assert main(["train", str(tiny_recipe(tmp_path, [stage]))]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {data}: no usable records"
+
+
+def test_dataset_smaller_than_a_batch(tmp_path, tiny_data, capsys):
+    stage = {**INSTRUCT, "batch_size": 16, "data": {"path": str(tiny_data)}}
+    assert main(["train", str(tiny_recipe(tmp_path, [stage]))]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: dataset has 12 samples, fewer than one batch of 16"
+    )
+
+
+def test_bad_recipe_and_override(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path, [INSTRUCT])
+    assert main(["train", str(recipe), "training.stages.instruct.lr=-1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "  training.stages.0.lr: Input should be greater than 0"
+    )
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope.yaml'}: no such recipe file"
