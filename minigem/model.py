@@ -272,4 +272,4 @@ class VisionLanguageModel(nn.Module):
         gen = GenerationConfig(**gen_kwargs)
         gen.stop = tuple(gen.stop) + tuple(self.template.stop_strings)
         outs = generate(self, prompts, pix["pixel_values"], pix["pixel_values_aux"], gen)
-        return [o.text for o in outs]
+        return [o.text.strip() for o in outs]

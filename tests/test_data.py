@@ -141,6 +141,8 @@ def test_non_alternating_turns(tmp_path):
     )
     path = _write(tmp_path, [{"id": "r2", "conversations": _turns("Q", "A", "Q2")}])
     assert _error(path) == f"{path}: record r2: the last turn must be the assistant's answer"
+    path = _write(tmp_path, [{"id": "r3", "conversations": [{"from": "system", "value": "Be brief."}]}])
+    assert _error(path) == f"{path}: record r3: the last turn must be the assistant's answer"
 
 
 def test_malformed_records(tmp_path):

@@ -387,12 +387,20 @@ def test_split_hr_views_order() -> None:
         split_hr_views(hr, 3, False)
 
 
+@pytest.mark.parametrize("grid,global_view", [(1, False), (2, False), (2, True), (4, True)])
+def test_tower_writes_hd_views_directly(grid: int, global_view: bool) -> None:
+    tower = _tower().freeze()
+    px = torch.randn(2, 3, 64, 64)
+    views = tower(px, grid, global_view)
+    torch.testing.assert_close(views, split_hr_views(tower(px), grid, global_view))
+
+
 def test_hd_pipeline_tokens() -> None:
     """HD end to end: 5 LR views + split HR map -> 5N tokens per image."""
     tower = _tower().freeze()
     conn = PatchMiningConnector("linear", C, D, tower.out_channels)
     lr, hr_px = mgm_views(_quadrants(64), 16, 64, 2, True)
-    hr = split_hr_views(tower(hr_px[None]), 2, True)  # [5, 120, 8, 8]
+    hr = tower(hr_px[None], 2, True)  # [5, 120, 8, 8], = split_hr_views(tower(px), 2, True)
     with torch.no_grad():
         out = conn(VisionFeatures(torch.randn(lr.shape[0], 4, C), hr))
     assert out.shape == (5, 4, D)

@@ -229,7 +229,7 @@ LLM_CONFIGS = {
 
 
 @pytest.mark.parametrize("arch", list(LLM_CONFIGS))
-def test_llm_families(tiny_tokenizer, arch):
+def test_llm_families(tiny_tokenizer, arch, tmp_path):
     d = tiny_model_dict()
     cfg = {k: v for k, v in d["llm"]["config"].items() if k != "num_key_value_heads" or arch != "phi"}
     cfg.update(LLM_CONFIGS[arch])
@@ -246,3 +246,11 @@ def test_llm_families(tiny_tokenizer, arch):
     assert out.loss.item() == pytest.approx(torch.log(torch.tensor(float(len(m.tokenizer)))).item(), rel=0.5)
     text = m.chat(_images(1)[0], "What color is the circle?", max_new_tokens=3)
     assert isinstance(text, str)
+    # the checkpoint's frozen HF config rebuilds this family exactly
+    from minigem.checkpoints.native import load_model, save_model
+
+    loaded = load_model(save_model(m, tmp_path / arch))
+    assert loaded.language_model.config.model_type == arch
+    with torch.no_grad():
+        again = loaded(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], labels=batch["labels"])
+    torch.testing.assert_close(again.logits, out.logits, rtol=0, atol=0)

@@ -104,6 +104,12 @@ def test_stream_holds_back_stop_prefixes_and_partial_characters():
     assert [e.text for e in sent] == ["ab", "STX", "é"]
     job.stable_text(Generation(text="abSTXéST"), final=True)
     assert sent[-1].text == "ST"
+    sent.clear()
+    job._sent = ""
+    for text in [" ", " hi ", " hi there", " hi there \n"]:  # answers are stripped
+        job.stable_text(Generation(text=text), final=False)
+    job.stable_text(Generation(text=" hi there \n"), final=True)
+    assert [e.text for e in sent] == ["hi", " there"]
 
 
 async def _run(engine: Engine, job_kw: dict, n: int = 1, timeout: float = 60) -> list[list]:

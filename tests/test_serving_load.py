@@ -96,7 +96,7 @@ def _stream(url: str, max_tokens: int) -> tuple[httpx.Client, httpx.Response, It
     """A running streamed request (keep the line iterator: closing it closes the connection)."""
     client = httpx.Client(timeout=60)
     body = {"messages": [{"role": "user", "content": "Describe the image."}],
-            "max_tokens": max_tokens, "stream": True}
+            "max_tokens": max_tokens, "stream": True, "temperature": 0}
     req = client.build_request("POST", url + "/v1/chat/completions", json=body)
     resp = client.send(req, stream=True)
     assert resp.status_code == 200
@@ -139,7 +139,8 @@ def test_full_queue_answers_429_and_disconnect_cancels(model):
 def test_waiting_client_that_leaves_cancels(model):
     with slowed(model), serve(model, max_batch=2, max_tokens_limit=500) as srv:
         engine = srv.app.state.engine
-        body = {"messages": [{"role": "user", "content": "Describe the image."}], "max_tokens": 480}
+        body = {"messages": [{"role": "user", "content": "Describe the image."}], "max_tokens": 480,
+                "temperature": 0}  # greedy: never ends early
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
         assert wait_for(lambda: engine.stats["cancelled"] == 1 and engine.running == 0)
@@ -150,7 +151,7 @@ def test_request_timeout_answers_408(model):
     with slowed(model), serve(model, timeout_s=0.05, max_tokens_limit=500) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
         with pytest.raises(openai.APIStatusError, match="timed out") as info:
-            client.chat.completions.create(model="tiny", max_tokens=480,
+            client.chat.completions.create(model="tiny", max_tokens=480, temperature=0,
                                            messages=[{"role": "user", "content": "Describe the image."}])
         assert info.value.status_code == 408 and info.value.body["code"] == "timeout"
         assert httpx.get(srv.url + "/health").json()["status"] == "ok"

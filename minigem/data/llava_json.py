@@ -80,7 +80,7 @@ def parse_record(row: object, index: int, source: Path, image_folder: Path,
         want = "user" if k % 2 == 0 else "assistant"
         if m.role != want:
             raise DataError(f"{where}: turn {k + 1} is from {m.role}, expected {want} (turns must alternate)")
-    if body[-1].role != "assistant":
+    if not body or body[-1].role != "assistant":  # (a system turn alone has no body)
         raise DataError(f"{where}: the last turn must be the assistant's answer")
     image = row.get("image")
     paths = [] if image is None else [image] if isinstance(image, str) else image

@@ -55,9 +55,9 @@ class Row:
             return True
         o.token_ids.append(token)
         o.text = tokenizer.decode(o.token_ids, skip_special_tokens=True)
-        hit = next((s for s in self.text_stops if s in o.text), None)
-        if hit is not None:
-            o.text = o.text[: o.text.index(hit)]
+        cut = min((o.text.index(s) for s in self.text_stops if s in o.text), default=None)
+        if cut is not None:  # the earliest stop string wins, whatever the list order
+            o.text = o.text[:cut]
             o.finish_reason = "stop"
             return True
         if self.on_token is not None and self.on_token(o) is False:

@@ -126,9 +126,9 @@ def generate(
                 continue
             o.token_ids.append(t)
             o.text = tok.decode(o.token_ids, skip_special_tokens=True)
-            hit = next((s for s in text_stops if s in o.text), None)
-            if hit is not None:
-                o.text = o.text[: o.text.index(hit)]
+            cut = min((o.text.index(s) for s in text_stops if s in o.text), default=None)
+            if cut is not None:  # the earliest stop string wins, whatever the list order
+                o.text = o.text[:cut]
                 o.finish_reason, done[i] = "stop", True
             if on_token is not None and on_token(i, o) is False:
                 o.finish_reason, done[i] = "cancelled", True

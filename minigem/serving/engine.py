@@ -85,9 +85,10 @@ class Job:
             self.cancel()
 
     def stable_text(self, out: Generation, final: bool) -> None:
-        """Emit the new text that no later token can change (held back: a trailing partial
-        UTF-8 character and any tail that may begin a stop string)."""
-        text = out.text
+        """Emit the new text that no later token can change. Answers are stripped (as
+        ``model.chat``); held back: trailing whitespace, a trailing partial UTF-8 character
+        and any tail that may begin a stop string."""
+        text = out.text.strip() if final else out.text.lstrip()
         if not final:
             text = text.rstrip("\ufffd")
             for stop in self.gen.stop:
@@ -95,6 +96,7 @@ class Job:
                     if text.endswith(stop[:k]):
                         text = text[:-k]
                         break
+            text = text.rstrip()
         if len(text) > len(self._sent) and text.startswith(self._sent):
             self.emit(Delta(text[len(self._sent):]))
             self._sent = text
@@ -215,7 +217,7 @@ class Engine:
             return
         job.stable_text(out, final=True)
         self.stats["completed"] += 1
-        job.emit(Done(out.text, out.finish_reason, out.prompt_tokens, len(out.token_ids)))
+        job.emit(Done(out.text.strip(), out.finish_reason, out.prompt_tokens, len(out.token_ids)))
 
     def _fail(self, job: Job, status: int, message: str) -> None:
         self.stats["timeouts" if status == 408 else "failed"] += 1

@@ -24,6 +24,7 @@ from torch import nn
 
 from minigem.config import VisionAuxConfig
 from minigem.errors import CheckpointError
+from minigem.vision.hd import empty_views, write_views
 
 # channels per upsampling chunk: bounds the fp32 temporary of the stage resize
 _UPSAMPLE_CHUNK = 256
@@ -52,25 +53,33 @@ def mgm_aux_key_to_timm(key: str) -> str:
     raise KeyError(f"{key!r} is not a Mini-Gemini HR tower key (vision_stem.* / vision_stages.*)")
 
 
-def assemble_stages(stages: list[torch.Tensor]) -> torch.Tensor:
+def assemble_stages(
+    stages: list[torch.Tensor], grid: int = 1, global_view: bool = False
+) -> torch.Tensor:
     """Upsample every stage to the first one's size and concatenate on channels.
 
     stages: [B, C_s, H_s, W_s] for s = 0..3 (H_0 = H/4) -> [B, sum(C_s), H_0, W_0].
-    Written into one preallocated output, resizing a few channels at a time in fp32,
-    so the peak is the output plus one small temporary (not a list of all stages + cat).
+    With ``grid`` > 1 the map is written straight into its HD views (``split_hr_views``
+    order): [B*V, sum(C_s), H_0/grid, W_0/grid], and the whole map never exists at once.
+    Everything goes into one preallocated output, a few channels at a time (resized in
+    fp32), so the peak is the output plus one small temporary (not a list of all stages
+    plus ``cat``, plus a split copy).
     """
     first = stages[0]
     b, _, h, w = first.shape
-    out = first.new_empty(b, sum(s.shape[1] for s in stages), h, w)
-    out[:, : first.shape[1]] = first
-    offset = first.shape[1]
-    for stage in stages[1:]:
+    channels = sum(s.shape[1] for s in stages)
+    out = empty_views(first, channels, h, w, grid, global_view)  # [B, V, C, H0/g, W0/g]
+    offset = 0
+    for i, stage in enumerate(stages):
         for c0 in range(0, stage.shape[1], _UPSAMPLE_CHUNK):
             part = stage[:, c0 : c0 + _UPSAMPLE_CHUNK]
-            up = F.interpolate(part.float(), size=(h, w), mode="bilinear", align_corners=False)
-            out[:, offset + c0 : offset + c0 + part.shape[1]] = up  # casts to out.dtype
+            if i > 0:  # casts back to the stage dtype when written into `out`
+                part = F.interpolate(
+                    part.float(), size=(h, w), mode="bilinear", align_corners=False
+                )
+            write_views(out, part, offset + c0, grid, global_view)
         offset += stage.shape[1]
-    return out
+    return out.flatten(0, 1)
 
 
 class HRTower(nn.Module):
@@ -112,8 +121,15 @@ class HRTower(nn.Module):
     def train(self, mode: bool = True) -> HRTower:
         return super().train(mode and not self.frozen)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B, 3, H, W] -> [B, sum(dims), H/4, W/4] (in the tower's dtype)."""
+    def forward(
+        self, pixel_values: torch.Tensor, grid: int = 1, global_view: bool = False
+    ) -> torch.Tensor:
+        """pixel_values [B, 3, H, W] -> [B, sum(dims), H/4, W/4] (in the tower's dtype).
+
+        HD: with ``grid`` > 1 returns the map already split into its views,
+        [B*V, sum(dims), H/4/grid, W/4/grid], the same as ``split_hr_views(tower(px), grid,
+        global_view)`` but without holding the whole map and its split at once.
+        """
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(
                 f"HR tower expects [B, 3, H, W] pixels, got {tuple(pixel_values.shape)}"
@@ -125,7 +141,7 @@ class HRTower(nn.Module):
             for stage in self.vision_stages:
                 x = stage(x)
                 outs.append(x)  # stage s: [B, dims[s], H/2^(s+2), W/2^(s+2)]
-            return assemble_stages(outs)
+            return assemble_stages(outs, grid, global_view)
 
 
 # ----------------------------------------------------------------------------- loading

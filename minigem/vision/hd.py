@@ -89,28 +89,50 @@ def mgm_views(
     return torch.cat(views), hr
 
 
+def write_views(
+    out: torch.Tensor, full: torch.Tensor, c0: int, grid: int, global_view: bool
+) -> None:
+    """Write channels [c0, c0 + c) of every view of ``full`` into ``out``.
+
+    full: [B, c, H, W] (a channel slice of an HR map); out: [B, V, C, H/grid, W/grid].
+    View 0 is the global view (bilinear halving in fp32) when ``global_view``; then the
+    grid crops in row-major order (crop (r, c) at index global_view + r * grid + c).
+    """
+    b, c, h, w = full.shape
+    hh, ww = h // grid, w // grid
+    first = int(global_view)
+    if grid == 1:
+        out[:, 0, c0 : c0 + c] = full
+        return
+    crops = full.view(b, c, grid, hh, grid, ww).permute(0, 2, 4, 1, 3, 5)  # [B, g, g, c, h, w]
+    out[:, first:, c0 : c0 + c].view(b, grid, grid, c, hh, ww).copy_(crops)
+    if global_view:
+        small = F.interpolate(full.float(), size=(hh, ww), mode="bilinear", align_corners=False)
+        out[:, 0, c0 : c0 + c] = small
+
+
+def empty_views(
+    like: torch.Tensor, channels: int, h: int, w: int, grid: int, global_view: bool
+) -> torch.Tensor:
+    """The output of a split: [B, V, channels, h/grid, w/grid], after checking the sizes."""
+    v = views_per_image(grid, global_view)
+    if h % grid or w % grid:
+        raise ValueError(f"HR map {h}x{w} cannot be split into a {grid}x{grid} grid")
+    return like.new_empty(like.shape[0], v, channels, h // grid, w // grid)
+
+
 def split_hr_views(hr_map: torch.Tensor, grid: int, global_view: bool) -> torch.Tensor:
     """HR map [B, C, H, W] -> [B*V, C, H/grid, W/grid], per image [global, crops...].
 
-    The identity for grid 1. Crops copy straight into the output; the global view is
-    resized a few channels at a time in fp32, so the only large allocation is the output.
+    The identity for grid 1. Works a few channels at a time, so the only large allocation
+    is the output (the map itself stays alive: see ``HRTower.forward(grid=...)``, which
+    writes the views directly and never holds the whole map).
     """
     _check_grid(grid, global_view)
     if grid == 1:
         return hr_map
     b, c, h, w = hr_map.shape
-    if h % grid or w % grid:
-        raise ValueError(f"HR map {h}x{w} cannot be split into a {grid}x{grid} grid")
-    hh, ww = h // grid, w // grid
-    v = views_per_image(grid, global_view)
-    out = hr_map.new_empty(b, v, c, hh, ww)
-    first = int(global_view)
-    # [B, C, g, h, g, w] -> [B, g, g, C, h, w]: crop (r, c) is view first + r*g + c
-    crops = hr_map.view(b, c, grid, hh, grid, ww).permute(0, 2, 4, 1, 3, 5)
-    out[:, first:].view(b, grid, grid, c, hh, ww).copy_(crops)
-    if global_view:
-        for c0 in range(0, c, _CHANNEL_CHUNK):
-            part = hr_map[:, c0 : c0 + _CHANNEL_CHUNK].float()
-            small = F.interpolate(part, size=(hh, ww), mode="bilinear", align_corners=False)
-            out[:, 0, c0 : c0 + part.shape[1]] = small
-    return out.view(b * v, c, hh, ww)
+    out = empty_views(hr_map, c, h, w, grid, global_view)
+    for c0 in range(0, c, _CHANNEL_CHUNK):
+        write_views(out, hr_map[:, c0 : c0 + _CHANNEL_CHUNK], c0, grid, global_view)
+    return out.flatten(0, 1)  # [B*V, C, H/grid, W/grid]
