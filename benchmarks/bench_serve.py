@@ -3,10 +3,12 @@
 Starts the server as a subprocess on 127.0.0.1 (the bundled model, or --model; with neither,
 a random-weight model of the bundled architecture), then runs closed-loop clients: C
 workers, each sending its next request as soon as the last one is answered. Every request
-carries one image and a question; answers are capped at --max-tokens. Prints requests/s,
-generated tokens/s, p50/p99 latency per level, and the batched / sequential ratio.
+carries one image and a question; answers are capped at --max-tokens. The levels run
+round-robin --rounds times (so every level sees the same background load); prints per level
+the median requests/s and tokens/s over rounds, p50/p99 latency over all requests, and the
+batched / sequential throughput ratio.
 
-    python benchmarks/bench_serve.py [--model DIR] [--levels 1,8,32] [--requests 64]
+    python benchmarks/bench_serve.py [--model DIR] [--levels 1,8,32] [--requests 64] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -95,11 +97,14 @@ async def run_level(url: str, concurrency: int, n: int, max_tokens: int) -> dict
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-    latencies.sort()
-    return {"c": concurrency, "n": n, "rps": n / wall, "tps": tokens / wall,
-            "p50": statistics.median(latencies) * 1e3,
-            "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1e3,
-            "tokens": tokens / n}
+    return {"rps": n / wall, "tps": tokens / wall, "latencies": latencies, "tokens": tokens / n}
+
+
+def summary(c: int, runs: list[dict]) -> dict:
+    lat = sorted(x for r in runs for x in r["latencies"])
+    return {"c": c, "rps": statistics.median(r["rps"] for r in runs),
+            "tps": statistics.median(r["tps"] for r in runs), "tokens": runs[0]["tokens"],
+            "p50": statistics.median(lat) * 1e3, "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3}
 
 
 def main() -> None:
@@ -107,6 +112,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model directory (default: the bundled model)")
     ap.add_argument("--levels", default="1,8,32")
     ap.add_argument("--requests", type=int, default=64, help="requests per level")
+    ap.add_argument("--rounds", type=int, default=3, help="round-robin repeats of all levels")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None, help="server torch threads")
@@ -119,11 +125,15 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(run_level(url, 2, 4, args.max_tokens))  # warm-up
-            rows = [asyncio.run(run_level(url, c, args.requests, args.max_tokens)) for c in levels]
+            runs: dict[int, list[dict]] = {c: [] for c in levels}
+            for _ in range(args.rounds):
+                for c in levels:
+                    runs[c].append(asyncio.run(run_level(url, c, args.requests, args.max_tokens)))
+            rows = [summary(c, runs[c]) for c in levels]
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    print(f"model: {what}; {args.requests} requests per level, 1 image + question each, "
+    print(f"model: {what}; {args.requests} requests per level x {args.rounds} rounds, 1 image + question each, "
           f"max_tokens {args.max_tokens}, max batch {args.max_batch}, cpus {os.cpu_count()}")
     print(f"{'concurrency':>11} {'req/s':>8} {'tok/s':>8} {'tok/req':>8} {'p50 ms':>8} {'p99 ms':>8} {'x seq':>6}")
     base = rows[0]["rps"]

@@ -69,10 +69,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--tasks", default=None, help="comma-separated categories (default: all)")
 
     p = sub.add_parser("convert", help="import a foreign checkpoint into the native format")
-    p.add_argument("--from", dest="fmt", required=True, choices=["hf-llava", "moe-llava"])
+    p.add_argument("--from", dest="fmt", required=True, choices=["hf-llava", "moe-llava", "mgm"])
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--vision-tower", default=None, help="HF CLIP vision model directory (moe-llava)")
+    p.add_argument("--vision-tower", default=None, help="HF CLIP vision model directory (moe-llava, mgm)")
+    p.add_argument("--vision-tower-aux", default=None,
+                   help="timm/open_clip ConvNeXt checkpoint file or directory (mgm HR tower)")
     p.add_argument("--template", default=None, help="chat template name (default: the checkpoint's)")
 
     p = sub.add_parser("inspect-routing", help="plot how MoE layers route image vs text tokens")

@@ -159,7 +159,12 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    if args.fmt == "moe-llava":
+    if args.fmt == "mgm":
+        from minigem.checkpoints.mgm import import_mgm
+
+        out = import_mgm(args.src, args.dst, vision_tower=args.vision_tower,
+                         vision_tower_aux=args.vision_tower_aux, template=args.template)
+    elif args.fmt == "moe-llava":
         from minigem.checkpoints.moe_llava import import_moe_llava
 
         out = import_moe_llava(args.src, args.dst, vision_tower=args.vision_tower, template=args.template)

@@ -105,9 +105,10 @@ class Job:
 class Engine:
     """Owns the model and its worker thread; ``submit`` is safe from any thread."""
 
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64) -> None:
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, max_wait_steps: int = 8) -> None:
         self.model = model
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.max_wait_steps = max_batch, max_queue, max_wait_steps
+        self._waited = 0  # decode steps the waiting jobs have been held back
         self._pending: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -171,10 +172,21 @@ class Engine:
             self._fail(self._pending.popleft(), 503, "the server is shutting down")
 
     def _admit(self, batch: DecodeBatch) -> list[Job]:
-        """Jobs that join now (called with the lock held)."""
+        """Jobs that join now (called with the lock held).
+
+        Prefill is the costly part of a short request, and one forward for several newcomers
+        costs far less than one each. So while a batch runs, waiting jobs join only once as
+        many wait as are running (or they would fill the batch), or the oldest has waited
+        ``max_wait_steps`` decode steps (as TGI's waiting_served_ratio / max_waiting_tokens).
+        """
         admit: list[Job] = []
-        if not batch.can_join():
+        if not batch.can_join() or not self._pending:
             return admit
+        free = self.max_batch - len(batch)
+        if len(batch) and self._waited < self.max_wait_steps and len(self._pending) < min(free, len(batch)):
+            self._waited += 1
+            return admit
+        self._waited = 0
         while self._pending and len(batch) + len(admit) < self.max_batch:
             job = self._pending.popleft()
             if job.cancelled:
