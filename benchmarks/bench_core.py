@@ -10,11 +10,13 @@ logits are checked equal before timing), same inputs, CPU fp32:
 - batched generation of 8 prompts vs the same 8 one after another.
 
 Ours and HF run alternately (repeat r: ours then HF), and each cell is the median over
-repeats, so both see the same background load. MFU uses model FLOPs (formula in
-`train_flops` / `gen_flops`) over the best 2048x2048 fp32 matmul rate measured here.
+repeats, so both see the same background load. MFU = model FLOPs (the work minigem needs:
+`train_flops` / `gen_flops`, the same count for both sides) / time / the best 2048x2048 fp32
+matmul rate measured in the run (before and after each config, same thread count).
 
-    .venv/bin/python benchmarks/bench_core.py                  # tiny + small
-    .venv/bin/python benchmarks/bench_core.py --configs tiny --repeats 3
+    .venv/bin/python benchmarks/bench_core.py                          # tiny + small, 5 repeats
+    .venv/bin/python benchmarks/bench_core.py --configs tiny --repeats 1  # smoke run
+    .venv/bin/python benchmarks/bench_core.py --threads 1                 # on a loaded machine
 """
 
 from __future__ import annotations
@@ -213,11 +215,17 @@ def gen_flops(model: VisionLanguageModel, ids: list[list[int]]) -> float:
     return total
 
 
-def bench(spec: Spec, repeats: int, peak: float) -> list[tuple[str, float, float, str]]:
+Row = tuple[str, float, float, float, float | None]  # metric, work, secs ours, secs HF, FLOPs
+
+
+def bench(spec: Spec, repeats: int) -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
         ours, hf = build(spec, Path(tmp))
     batch = train_batch(ours)
     ids, pix = prompts(ours)
+    n_params = sum(p.numel() for p in ours.parameters()) / 1e6
+    print(f"{spec.name}: {n_params:.1f}M params, train seq {batch['input_ids'].shape[1]} "
+          f"({ours.tokens_per_image} image tokens), prompts {min(map(len, ids))}-{max(map(len, ids))} tokens")
     with torch.no_grad():
         a = ours(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
         b = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -237,21 +245,15 @@ def bench(spec: Spec, repeats: int, peak: float) -> list[tuple[str, float, float
     t = interleaved(steps, repeats)
     ours.eval(), hf.eval()
     t.update(interleaved(gens, repeats))
-    tf, g1, g8 = train_flops(ours, batch), gen_flops(ours, ids[:1]), gen_flops(ours, ids)
-    rows = []
-
-    def add(metric: str, work: float, secs: tuple[float, float], flops: float | None, unit: str) -> None:
-        o, h = work / secs[0], work / secs[1]
-        mfu = "" if flops is None else f"{flops / secs[0] / 1e9 / peak:.1%} / {flops / secs[1] / 1e9 / peak:.1%}"
-        rows.append((f"{spec.name} {metric} ({unit})", o, h, mfu))
-
-    add("train step b=8", BATCH, t["train"], tf, "samples/s")
-    add("generate b=1", NEW_TOKENS, t["gen b=1"], g1, "tok/s")
-    add("generate b=8", BATCH * NEW_TOKENS, t["gen b=8"], g8, "tok/s")
-    add("generate 8 x b=1", BATCH * NEW_TOKENS, t["gen 8x b=1"], g8, "tok/s")
-    seq_o, seq_h = t["gen 8x b=1"][0] / t["gen b=8"][0], t["gen 8x b=1"][1] / t["gen b=8"][1]
-    rows.append((f"{spec.name} batched 8 / sequential 8 (x)", seq_o, seq_h, ""))
-    return rows
+    g8 = gen_flops(ours, ids)
+    return [
+        (f"{spec.name} train step b=8 (samples/s)", BATCH, *t["train"], train_flops(ours, batch)),
+        (f"{spec.name} generate b=1 (tok/s)", NEW_TOKENS, *t["gen b=1"], gen_flops(ours, ids[:1])),
+        (f"{spec.name} generate b=8 (tok/s)", BATCH * NEW_TOKENS, *t["gen b=8"], g8),
+        (f"{spec.name} generate 8 x b=1 (tok/s)", BATCH * NEW_TOKENS, *t["gen 8x b=1"], g8),
+        (f"{spec.name} batched 8 / sequential 8 (x)", 1.0, t["gen b=8"][0] / t["gen 8x b=1"][0],
+         t["gen b=8"][1] / t["gen 8x b=1"][1], None),
+    ]
 
 
 def main() -> None:
@@ -263,17 +265,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    peak = matmul_peak()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 matmul peak "
-          f"(2048^2, best of 10): {peak:.1f} GFLOP/s")
-    rows = []
+    peaks = [matmul_peak()]
+    rows: list[Row] = []
     for name in args.configs.split(","):
-        rows += bench(SPECS[name], args.repeats, peak)
-    peak = max(peak, matmul_peak())
+        rows += bench(SPECS[name], args.repeats)
+        peaks.append(matmul_peak())
+    peak = max(peaks)  # the best measure is the closest to the hardware's (the load varies)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 2048^2 matmul GFLOP/s "
+          f"(best of 10, before/after each config): {', '.join(f'{p:.1f}' for p in peaks)}; peak = {peak:.1f}")
     print("\n| metric | ours | HF | ours/HF | MFU ours / HF |\n|---|---:|---:|---:|---:|")
-    for metric, o, h, mfu in rows:
+    for metric, work, so, sh, flops in rows:
+        o, h = work / so, work / sh
+        mfu = "" if flops is None else f"{flops / so / 1e9 / peak:.1%} / {flops / sh / 1e9 / peak:.1%}"
         print(f"| {metric} | {o:.2f} | {h:.2f} | {o / h:.2f} | {mfu} |")
-    print(f"\nfp32 matmul peak after the run: {peak:.1f} GFLOP/s (MFU above uses the first measure)")
 
 
 if __name__ == "__main__":

@@ -231,6 +231,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--hd-bf16", action="store_true", help="also run HD in bf16 (slow on CPU)")
     ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--sizes", nargs="+", choices=["768", "hd"], default=["768", "hd"])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     a = ap.parse_args()
@@ -241,6 +242,7 @@ def main() -> None:
         return
     cases = [("768", "fp32", a.repeats), ("hd", "fp32", a.repeats)]
     cases += [] if a.no_bf16 else [("768", "bf16", 0)] + ([("hd", "bf16", 0)] if a.hd_bf16 else [])
+    cases = [c for c in cases if c[0] in a.sizes]
     print(f"torch {torch.__version__}, threads {a.threads}, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
     peaks = {name: peak_gflops(DTYPES[name], a.quick) for name in ("fp32", "bf16")}

@@ -93,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: cores - 1)")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs (public addresses only)")
 

@@ -88,17 +88,20 @@ class PatchMiningConnector(Connector):
     def mine(self, feats: VisionFeatures) -> torch.Tensor:
         """Q + mined HR detail, before the projector: [B, N, C]."""
         q_raw, hr = self._check(feats)
-        out = [
-            q_raw[i, t0:t1] + att.to(q_raw.dtype) for i, t0, t1, att, _ in self._chunks(q_raw, hr)
-        ]
-        return torch.cat(out).view_as(q_raw)
+        out = torch.empty_like(q_raw)  # allocated up front: no small live blocks between temps
+        for i, t0, t1, att, _ in self._chunks(q_raw, hr):
+            out[i, t0:t1] = q_raw[i, t0:t1] + att.to(q_raw.dtype)
+        return out
 
     def mining_attention(self, feats: VisionFeatures) -> torch.Tensor:
         """Attention of each LR token over its own sub-region: [B, N, M*M] (fp32, rows sum
         to 1; cell m = (m // M, m % M) within the token's M x M block of the HR map)."""
         q_raw, hr = self._check(feats)
-        out = [attn for _, _, _, _, attn in self._chunks(q_raw, hr)]
-        return torch.cat(out).view(q_raw.shape[0], q_raw.shape[1], -1)
+        _, m = mining_grid(q_raw.shape[1], tuple(hr.shape))
+        out = q_raw.new_empty(*q_raw.shape[:2], m * m, dtype=torch.float32)
+        for i, t0, t1, _, attn in self._chunks(q_raw, hr):
+            out[i, t0:t1] = attn
+        return out
 
     # ------------------------------------------------------------------ internals
 

@@ -39,7 +39,8 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
         raise _busy429(engine, settings)
     prepared: Prepared = await run_in_threadpool(prepare, model, settings, body)
     job = Job(prepared.prompt_ids, prepared.pixel_values, prepared.pixel_values_aux, prepared.gen,
-              timeout_s=settings.timeout_s, loop=asyncio.get_running_loop(), created=arrived)
+              timeout_s=settings.timeout_s, loop=asyncio.get_running_loop(), stream=body.stream,
+              created=arrived)
     try:
         engine.submit(job)
     except QueueFull:

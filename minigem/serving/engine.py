@@ -62,6 +62,7 @@ class Job:
     gen: GenerationConfig
     timeout_s: float
     loop: asyncio.AbstractEventLoop
+    stream: bool = True  # False: no Delta events, only Done / Failed
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     created: float = field(default_factory=time.monotonic)
     _cancelled: threading.Event = field(default_factory=threading.Event)
@@ -157,10 +158,15 @@ class Engine:
                     break
                 admit = self._admit(batch)
             try:
+                t0 = time.perf_counter()
                 if admit:
                     self._prefill(batch, admit)
+                    self.stats["prefills"] += 1
+                    self.stats["prefill_rows"] += len(admit)
                 for row in batch.step():
                     self._finish(row.tag, row.out)
+                self.stats["steps"] += 1
+                self.stats["busy_ms"] += int((time.perf_counter() - t0) * 1e3)
             except Exception:  # a bug must not kill the worker: fail the batch, carry on
                 log.exception("generation failed")
                 for row in batch.cancel_all():
@@ -215,7 +221,8 @@ class Engine:
         def on_token(out: Generation) -> bool:
             if job.cancelled or job.expired():
                 return False
-            job.stable_text(out, final=False)
+            if job.stream:
+                job.stable_text(out, final=False)
             return True
 
         return on_token
@@ -227,7 +234,8 @@ class Engine:
             else:
                 self._fail(job, 408, f"the request timed out after {job.timeout_s:g} s")
             return
-        job.stable_text(out, final=True)
+        if job.stream:
+            job.stable_text(out, final=True)
         self.stats["completed"] += 1
         job.emit(Done(out.text.strip(), out.finish_reason, out.prompt_tokens, len(out.token_ids)))
 

@@ -42,8 +42,9 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000,
     api_key = api_key or os.environ.get("MINIGEM_API_KEY") or None
     if not is_loopback(host) and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
-    if threads:
-        torch.set_num_threads(threads)
+    # torch's default (every core) leaves none for the HTTP side, and its spinning threads
+    # then fight the event loop: keep one core free unless told otherwise
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
     try:
         remote = RemoteImages(enabled=bool(limits.pop("allow_remote_images", False)))
         settings = ServeSettings(model_name=model_name(model_path), api_key=api_key, remote_images=remote,
