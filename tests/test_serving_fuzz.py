@@ -53,7 +53,7 @@ def test_no_server_errors(case, live):
 def test_alive_after_fuzzing(live):
     assert httpx.get(live.url + "/health").json()["status"] == "ok"
     r = httpx.post(live.url + "/v1/chat/completions", timeout=60,
-                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
     assert live.app.state.engine.stats["failed"] == 0
     chat = {status: n for (path, status), n in SEEN.items() if path == "/v1/chat/completions"}

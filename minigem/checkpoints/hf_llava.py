@@ -14,7 +14,7 @@ Weight names (``{p}`` = the causal LM's base prefix, ``model`` for Llama/Qwen/Mi
     model.language_model.*               language_model.{p}.*             language_model.{p}.*
     lm_head.weight                       language_model.lm_head.weight    language_model.lm_head.weight
 
-Import accepts every column; export writes the released layout (the one every loader reads).
+Import accepts every column; export writes the released layout (what llava-hf checkpoints ship).
 """
 
 from __future__ import annotations
