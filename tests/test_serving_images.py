@@ -138,7 +138,7 @@ def test_image_generation_hook():
         assert r.status_code == 200 and len(r.json()["data"]) == 2
         im = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
         assert im.size == (48, 40)
-        body = {"messages": [{"role": "user", "content": "draw"}], "max_tokens": 3,
+        body = {"messages": [{"role": "user", "content": "draw"}], "max_tokens": 3, "temperature": 0,
                 "modalities": ["text", "image"]}
         msg = c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
         assert msg["content"] and msg["images"][0]["image_url"]["url"].startswith("data:image/png;base64,")

@@ -112,7 +112,7 @@ def test_full_queue_answers_429_and_disconnect_cancels(model):
         engine = srv.app.state.engine
         running, resp, lines = _stream(srv.url, 480)
         assert wait_for(lambda: engine.running == 1)
-        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
 
         async def queued_then_full() -> tuple[httpx.Response, httpx.Response]:
             async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
@@ -132,8 +132,9 @@ def test_full_queue_answers_429_and_disconnect_cancels(model):
         assert wait_for(lambda: engine.stats["cancelled"] == 1 and engine.running == 0)
         assert engine.stats["completed"] == 1
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
-        assert client.chat.completions.create(model="tiny", messages=body["messages"],
-                                              max_tokens=2).choices[0].finish_reason == "length"
+        again = client.chat.completions.create(model="tiny", messages=body["messages"], max_tokens=2,
+                                               temperature=0)
+        assert again.choices[0].finish_reason == "length"
 
 
 def test_waiting_client_that_leaves_cancels(model):
