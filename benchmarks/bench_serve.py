@@ -35,12 +35,12 @@ QUESTIONS = ["What color is the circle?", "How many objects are there?", "Descri
              "Where is the red square?"]
 
 
-def model_dir(arg: str | None, tmp: Path) -> tuple[str | None, str]:
+def model_dir(arg: str | None, tmp: Path, random_weights: bool) -> tuple[str | None, str]:
     from minigem.checkpoints.native import BUNDLED
 
     if arg:
         return arg, arg
-    if (BUNDLED / "config.json").is_file():
+    if (BUNDLED / "config.json").is_file() and not random_weights:
         return None, "bundled tiny-shapes"
     from minigem.checkpoints.native import save_model
     from minigem.config import load_recipe
@@ -124,10 +124,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None, help="server torch threads")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="the bundled architecture with random weights: answers run to --max-tokens "
+                         "(a decode-heavy load; the bundled model answers in ~5 tokens)")
     args = ap.parse_args()
     levels = [int(c) for c in args.levels.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        model, what = model_dir(args.model, Path(tmp))
+        model, what = model_dir(args.model, Path(tmp), args.random_weights)
         port = free_port()
         proc = start_server(model, port, args)
         url = f"http://127.0.0.1:{port}"

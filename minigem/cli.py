@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from minigem.errors import MinigemError
+from minigem.imagegen.command import add_image_args
 
 
 def _add_gen_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help='print {"text": ...}')
     p.add_argument("--system", default=None, help="system prompt")
     _add_gen_args(p)
+    add_image_args(p)
 
     p = sub.add_parser("train", help="train a model from a recipe")
     p.add_argument("recipe")
@@ -77,6 +79,16 @@ def parser() -> argparse.ArgumentParser:
                    help="timm/open_clip ConvNeXt checkpoint file or directory (mgm HR tower)")
     p.add_argument("--template", default=None, help="chat template name (default: the checkpoint's)")
 
+    p = sub.add_parser("explain", help="draw where a Mini-Gemini model's LR tokens looked in the HR image")
+    p.add_argument("question")
+    p.add_argument("--model", default=None, help="model directory (default: the bundled model)")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--out", required=True, help="PNG file for the heat map")
+    p.add_argument("--json", action="store_true", help="print answer, out path and top tokens as JSON")
+    p.add_argument("--top-k", type=int, default=5, help="relied-on LR tokens to outline (default 5)")
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_gen_args(p)
+
     p = sub.add_parser("inspect-routing", help="plot how MoE layers route image vs text tokens")
     p.add_argument("--model", required=True, help="a native MoE model directory")
     p.add_argument("--data", required=True, help="LLaVA JSON/JSONL records (teacher-forced)")
@@ -96,6 +108,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: cores - 1)")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs (public addresses only)")
+    p.add_argument("--image-pipeline", default=None, metavar="DIR",
+                   help="diffusers text-to-image pipeline for image generation "
+                        "(default: the bundled one if installed)")
+    p.add_argument("--no-image-generation", action="store_true", help="serve without image generation")
 
     p = sub.add_parser("export", help="export a native checkpoint to a foreign format")
     p.add_argument("--to", dest="fmt", required=True, choices=["hf-llava"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
@@ -46,13 +47,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\n[{item['image']}]" + (f"  (truth: {item['truth']})" if item.get("truth") else ""))
         for q, a in zip(item["questions"], answers, strict=True):
             print(f"  Q: {q}\n  A: {a}")
+    from minigem.imagegen.command import demo_generation
+
+    demo_generation(model)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    gen = {**_gen(args), "system": args.system}
+    if args.gen:
+        from minigem.imagegen.command import chat_gen
+
+        return chat_gen(args, gen)
     model = load(args.model)
     images = [open_image(p) for p in args.image]
-    gen = {**_gen(args), "system": args.system}
     if args.question is not None:
         text = model.chat_batch([(images, args.question)], **gen)[0]
         if args.json:
@@ -69,9 +77,15 @@ def _gen(args: argparse.Namespace) -> dict:
     return _gen_kwargs(args)
 
 
-def interactive(model, images: list[Image.Image], gen: dict) -> int:
-    """A multi-turn terminal chat. Commands: /image PATH, /reset, /quit."""
+def interactive(model, images: list[Image.Image], gen: dict,
+                image_turn: Callable[[str], tuple[str, list[str]]] | None = None) -> int:
+    """A multi-turn terminal chat. Commands: /image PATH, /reset, /quit.
+
+    With ``image_turn`` every user turn asks for an image (``<GEN>``), and the answer goes
+    through it: it returns the answer to keep and lines to print after it.
+    """
     from minigem.data.records import Message
+    from minigem.imagegen.markers import add_gen_marker, strip_markers
 
     print("minigem chat. /image PATH adds an image, /reset starts over, /quit exits.")
     history: list[Message] = []
@@ -100,6 +114,8 @@ def interactive(model, images: list[Image.Image], gen: dict) -> int:
             continue
         tok = model.config.image_token
         content = (tok + "\n") * len(pending) + line if tok not in line else line
+        if image_turn is not None:
+            content = add_gen_marker(content)
         history.append(Message("user", content))
         used += pending
         pending = []
@@ -109,8 +125,16 @@ def interactive(model, images: list[Image.Image], gen: dict) -> int:
             history.pop()
             print(f"error: {err}")
             continue
+        extra: list[str] = []
+        if image_turn is not None:
+            try:
+                answer, extra = image_turn(answer)
+            except MinigemError as err:
+                answer, extra = strip_markers(answer), [f"error: {err}"]
         history.append(Message("assistant", answer))
         print(f"minigem> {answer}")
+        for note in extra:
+            print(note)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -119,6 +143,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from minigem.training.loop import Trainer
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.t2i is not None:  # a text-to-image recipe (diffusion stages)
+        from minigem.training.diffusion import DiffusionTrainer
+
+        final = DiffusionTrainer(recipe).run(resume=args.resume, stop_after=args.stop_after)
+        print(f"checkpoint: {final}")
+        return 0
     model = build_for_recipe(recipe)
     trainer = Trainer(recipe, model)
     final = trainer.run(resume=args.resume, stop_after=args.stop_after)
@@ -176,6 +206,37 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from minigem.checkpoints.native import BUNDLED
+    from minigem.explain import explain, render
+
+    if args.top_k < 0:
+        raise MinigemError(f"--top-k must be >= 0, got {args.top_k}")
+    out = Path(args.out).expanduser()
+    if not out.parent.is_dir():
+        raise MinigemError(f"--out: no such directory: {out.parent}")
+    image = open_image(args.image)
+    model = load(args.model)
+    name = str(Path(args.model).expanduser()) if args.model else str(BUNDLED)
+    result = explain(model, image, args.question, name=name, system=args.system, **_gen(args))
+    try:
+        render(result, top_k=args.top_k).save(out, format="PNG")
+    except OSError as err:
+        raise MinigemError(f"cannot write {out}: {err}") from None
+    if args.json:
+        info = result.to_dict(args.top_k)
+        info["out"] = str(out)
+        print(json.dumps(info, ensure_ascii=False))
+        return 0
+    print(result.answer)
+    for t in result.top_tokens(args.top_k):
+        where = "" if t["view"] == "image" else f" {t['view']}"
+        print(f"  #{t['rank']}{where} token ({t['row']}, {t['col']}) score {t['score']:.3f} "
+              f"box {t['box']}", file=sys.stderr)
+    print(f"heat map: {out}", file=sys.stderr)
+    return 0
+
+
 def cmd_inspect_routing(args: argparse.Namespace) -> int:
     from minigem.data.llava_json import LlavaJsonDataset
     from minigem.evaluation.routing import collect_routing, plot_routing
@@ -205,4 +266,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     return serve(args.model, host=args.host, port=args.port, api_key=args.api_key,
                  threads=args.threads, max_batch=args.max_batch, max_queue=args.max_queue,
-                 timeout_s=args.timeout, allow_remote_images=args.allow_remote_images)
+                 timeout_s=args.timeout, allow_remote_images=args.allow_remote_images,
+                 image_pipeline=None if args.no_image_generation else image_pipeline(args))
+
+
+def image_pipeline(args: argparse.Namespace) -> Path | None:
+    """``--image-pipeline``, else the bundled pipeline when it is installed, else None."""
+    from minigem.imagegen.bridge import default_pipeline
+
+    return Path(args.image_pipeline) if args.image_pipeline else default_pipeline()

@@ -90,7 +90,9 @@ class MoEConfig(StrictModel):
 class TokenizerTrainConfig(StrictModel):
     """Train a small BPE tokenizer at build time (for models built from scratch)."""
 
-    corpus: Literal["synth"] = "synth"  # the synthetic world's texts + the template's markers
+    # synth: the synthetic world's texts + the template's markers; synth+generation: also
+    # generation requests/answers, with <GEN>, <h>, </h> as single (plain-text) tokens
+    corpus: Literal["synth", "synth+generation"] = "synth"
     vocab_size: int = Field(512, ge=64)
 
 
@@ -140,7 +142,9 @@ class DataConfig(StrictModel):
 
 # ----------------------------------------------------------------------------- training
 
-Component = Literal["vision", "vision_aux", "connector", "mining", "projector", "llm", "moe"]
+Component = Literal["vision", "vision_aux", "connector", "mining", "projector", "llm", "moe",
+                    "unet", "text_encoder"]  # the last two: `diffusion` stages (a `t2i` recipe)
+T2I_COMPONENTS = ("unet", "text_encoder")
 
 
 class ContrastiveConfig(StrictModel):
@@ -158,7 +162,7 @@ class StageConfig(StrictModel):
     """One training stage: what trains, on which data, with which optimiser settings."""
 
     name: str
-    kind: Literal["lm", "contrastive"] = "lm"
+    kind: Literal["lm", "contrastive", "diffusion"] = "lm"
     train: list[Component]
     data: DataConfig
     eval_data: DataConfig | None = None
@@ -193,11 +197,46 @@ class TrainingConfig(StrictModel):
     stages: list[StageConfig] = Field(min_length=1)
 
 
-class RecipeConfig(StrictModel):
-    """A recipe: a model and the stages that train it."""
+class T2IConfig(StrictModel):
+    """A tiny pixel-space text-to-image model (minigem.imagegen.t2i.TinyT2IPipeline)."""
 
-    model: ModelConfig
+    resolution: int = Field(32, ge=8)  # images are resolution x resolution RGB
+    render_size: int = 96  # scenes are drawn at this size, then downscaled (antialiased)
+    unet: dict[str, Any] = Field(default_factory=dict)  # UNet2DConditionModel kwargs (overrides)
+    text_encoder: dict[str, Any] = Field(default_factory=dict)  # CLIPTextConfig kwargs (overrides)
+    vocab_size: int = Field(192, ge=128)  # prompt tokenizer (BPE over the prompt wording)
+    max_text_tokens: int = Field(24, ge=4)
+    train_timesteps: int = Field(1000, gt=0)
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    sampler: Literal["dpm", "ddim"] = "dpm"  # the scheduler saved in the pipeline
+    sample_steps: int = Field(25, gt=0)  # for the quality proxy during training
+    guidance_scale: float = 4.0
+    cond_drop: float = Field(0.1, ge=0, lt=1)  # prompt -> "" (classifier-free guidance)
+    proxy_prompts: int = Field(24, ge=0)  # colour-match proxy at each eval_every (0 = off)
+
+
+class RecipeConfig(StrictModel):
+    """A recipe: a model and the stages that train it. A VLM recipe sets `model`; a
+    text-to-image recipe sets `t2i` instead and has only `diffusion` stages."""
+
+    model: ModelConfig | None = None
+    t2i: T2IConfig | None = None
     training: TrainingConfig
+
+    @model_validator(mode="after")
+    def _kind(self) -> RecipeConfig:
+        if (self.model is None) == (self.t2i is None):
+            raise ValueError("set exactly one of `model` (a VLM) or `t2i` (a text-to-image model)")
+        for s in self.training.stages:
+            diffusion = s.kind == "diffusion"
+            if diffusion != (self.t2i is not None):
+                raise ValueError(f"stage {s.name}: `diffusion` stages go with a `t2i` model, and only they")
+            if diffusion and (s.data.synth is None or any(c not in T2I_COMPONENTS for c in s.train)):
+                raise ValueError(f"stage {s.name}: a diffusion stage trains {list(T2I_COMPONENTS)} "
+                                 "on `synth` data")
+            if not diffusion and any(c in T2I_COMPONENTS for c in s.train):
+                raise ValueError(f"stage {s.name}: {list(T2I_COMPONENTS)} are trained by diffusion stages")
+        return self
 
 
 # ----------------------------------------------------------------------------- loading

@@ -15,3 +15,7 @@ class DataError(MinigemError, ValueError):
 
 class CheckpointError(MinigemError, ValueError):
     """A missing, partial or malformed checkpoint directory."""
+
+
+class ImagePipelineError(CheckpointError):
+    """A missing or broken text-to-image pipeline directory, or no pipeline at all."""

@@ -8,7 +8,10 @@ the KV cache work exactly as for a text-only LM.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,9 @@ from minigem.llm.backbone import build_llm
 from minigem.vision.base import VisionFeatures
 from minigem.vision.clip import CLIPTower, build_clip_tower
 from minigem.vision.processing import ImageProcessor
+
+if TYPE_CHECKING:
+    from minigem.imagegen.chat import ChatResult, ImageGenerator
 
 
 @dataclass
@@ -244,9 +250,22 @@ class VisionLanguageModel(nn.Module):
         self,
         images: Image.Image | list[Image.Image] | None,
         prompt: str | list[Message],
+        generate_image: bool = False,
+        image_pipeline: str | Path | ImageGenerator | None = None,
+        image_options: Mapping[str, Any] | None = None,
         **gen_kwargs,
-    ) -> str:
-        """Answer one prompt about zero or more images. See `chat_batch` for options."""
+    ) -> str | ChatResult:
+        """Answer one prompt about zero or more images. See `chat_batch` for options.
+
+        With ``generate_image`` the answer is a ``ChatResult`` (text, image prompt, images):
+        the request ends in ``<GEN>`` and the answer's ``<h>...</h>`` prompt is drawn by
+        ``image_pipeline`` (a diffusers directory or an ``ImageGenerator``; None = the
+        bundled one) with ``image_options`` (n, size, seed, steps, guidance, negative_prompt).
+        """
+        if generate_image:
+            from minigem.imagegen.chat import chat_with_image
+
+            return chat_with_image(self, images, prompt, image_pipeline, image_options, **gen_kwargs)
         return self.chat_batch([(images, prompt)], **gen_kwargs)[0]
 
     @torch.inference_mode()

@@ -174,7 +174,7 @@ def test_data_synth_tasks_and_size(tmp_path, capsys):
     (["--n", "0"], "error: --n must be at least 1"),
     (["--n", "2", "--tasks", "color,colour"],
      "error: --tasks: unknown categories ['colour']; valid: caption, color, shape, count, position, "
-     "existence, glyph, conversation"),
+     "existence, glyph, conversation, generation"),
 ])
 def test_data_synth_errors(tmp_path, capsys, args, message):
     code, _, err = _run(capsys, "data", "synth", "--out", str(tmp_path / "x"), *args)
@@ -197,7 +197,8 @@ def test_eval_json(tiny_saved_model, tiny_data, capsys):
     records = json.loads(tiny_data.read_text())
     cats = [r["category"] for r in records]
     short = [c for c in cats if c not in ("caption", "conversation")]
-    assert set(report) == {"accuracy", "n_scored", "per_category", "long_form"}
+    assert set(report) == {"accuracy", "n_scored", "per_category", "long_form", "spurious_span"}
+    assert report["spurious_span"]["n"] == len(cats)  # no generation records: all are checked
     assert report["n_scored"] == len(short)
     assert {c: r["n"] for c, r in report["per_category"].items()} == {c: short.count(c) for c in set(short)}
     assert set(report["long_form"]) == set(cats) - set(short)

@@ -6,7 +6,15 @@ import pytest
 
 from minigem.data.records import Message, Sample
 from minigem.data.synth import SynthSource
-from minigem.evaluation.metrics import exact_match, normalize_answer, token_f1
+from minigem.evaluation.metrics import (
+    exact_match,
+    gen_span_match,
+    has_span,
+    normalize_answer,
+    parse_span,
+    span_objects,
+    token_f1,
+)
 from minigem.evaluation.runner import EvalReport, evaluate
 
 
@@ -149,3 +157,59 @@ def test_report_format_and_dict():
     )
     assert r.to_dict() == {"accuracy": 0.5, "n_scored": 4, "per_category": r.per_category,
                            "long_form": r.long_form}
+
+
+# ----------------------------------------------------------------------- generation spans
+
+
+@pytest.mark.parametrize("text, span", [
+    ("Sure. <h>a red circle</h>", "a red circle"),
+    ("<h> two blue squares on the left </h>", "two blue squares on the left"),
+    ("Sure. <h>a red circle", None),
+    ("</h>a red circle<h>", None),
+    ("<h></h>", None),
+    ("<h>a</h> <h>b</h>", None),
+    ("red circle", None),
+])
+def test_parse_span(text, span):
+    assert parse_span(text) == span
+
+
+def test_span_objects_and_match():
+    assert span_objects("two Red circles and a big blue square on the left") == {
+        ("red", "circle"), ("blue", "square")}
+    assert span_objects("a circle") == set()
+    ref = "Here it is. <h>a big green triangle</h>"
+    assert gen_span_match("Sure. <h>a green triangle at the top</h>", ref)  # size/position not scored
+    assert not gen_span_match("Sure. <h>a green circle</h>", ref)
+    assert not gen_span_match("Sure. <h>a green triangle and a red square</h>", ref)
+    assert not gen_span_match("a green triangle", ref)
+    assert not gen_span_match("<h>a green triangle", ref)
+    assert has_span("x <h>") and has_span("</h>") and not has_span("a red circle")
+
+
+def test_evaluate_generation_records():
+    src = SynthSource(30, seed=0, image_size=96, mix={"generation": 1.0, "color": 1.0})
+    refs = _refs(src)
+    assert any("<h>" in r for r in refs) and any("<h>" not in r for r in refs)
+    # right spans for half the generation records; a spurious span on one color record
+    answers, n_gen, n_other = [], 0, 0
+    for i, r in enumerate(refs):
+        if src[i].category == "generation":
+            answers.append(r if n_gen % 2 == 0 else "Sure. <h>a</h>")
+            n_gen += 1
+        else:
+            answers.append(r if n_other else "<h>" + r + "</h>")
+            n_other += 1
+    report = evaluate(StubModel(answers), src, batch_size=8)
+    assert report.gen_span == {"rate": pytest.approx((n_gen + 1) // 2 / n_gen), "n": n_gen}
+    assert report.spurious_span == {"rate": pytest.approx(1 / n_other), "n": n_other}
+    assert set(report.per_category) == {"color"}  # generation is not exact-match scored
+    assert report.per_category["color"]["n"] == n_other
+    d = report.to_dict()
+    assert d["gen_span"] == report.gen_span and d["spurious_span"] == report.spurious_span
+    assert "gen_span" in report.format()
+    # uncategorised records with a span in the reference count as generation
+    s = Sample("x", [Message("user", "draw a red circle <GEN>"), Message("assistant", "Sure. <h>a red circle</h>")])
+    r2 = evaluate(StubModel(["<h>a red circle</h>"]), [s])
+    assert r2.gen_span == {"rate": 1.0, "n": 1} and r2.spurious_span is None

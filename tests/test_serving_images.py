@@ -131,6 +131,8 @@ def test_image_generation_hook():
     from minigem.serving.testing import tiny_checkpoint
 
     model = load_model(tiny_checkpoint())
+    answer = "ok <h>a red square</h>"  # the answer's <h> span is what gets drawn
+    model.tokenizer.decode = lambda ids, **kw: answer[:3 * len(ids)]
     app = create_app(model, ServeSettings(model_name="tiny"), image_generator=SolidGenerator())
     with TestClient(app) as c:
         assert c.get("/health").json()["image_generation"] is True
@@ -138,9 +140,13 @@ def test_image_generation_hook():
         assert r.status_code == 200 and len(r.json()["data"]) == 2
         im = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
         assert im.size == (48, 40)
-        body = {"messages": [{"role": "user", "content": "draw"}], "max_tokens": 3, "temperature": 0,
+        body = {"messages": [{"role": "user", "content": "draw"}], "max_tokens": 10, "temperature": 0,
                 "modalities": ["text", "image"]}
         msg = c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
-        assert msg["content"] and msg["images"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+        assert msg["content"] == "ok a red square"
+        url = msg["images"][0]["image_url"]["url"]
+        assert url.startswith("data:image/png;base64,")
+        im = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+        assert im.getpixel((0, 0)) == (len("a red square"), 0, 0)  # drawn from the span only
         r = c.post("/v1/images/generations", json={"prompt": "x", "size": "5x5"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "size"

@@ -82,7 +82,7 @@ def test_every_answer_matches_its_scene() -> None:
             assert a.content == expected_answer(scene, question), (i, question)
             if category not in ("caption", "conversation"):
                 assert a.content == a.content.lower() and "." not in a.content
-    assert set(seen) == set(CATEGORIES), seen
+    assert set(seen) == set(CATEGORIES) - {"generation"}, seen  # generation: weight 0 by default
 
 
 def test_caption_names_every_object() -> None:
@@ -249,3 +249,143 @@ def test_world_texts_cover_every_word() -> None:
         for m in messages:
             words = re.findall(r"[\w]+|[^\w\s]", m.content.replace("<image>", ""))
             assert set(words) <= vocab, set(words) - vocab
+
+
+# ---------------------------------------------------------------- generation requests
+
+COLOR_RE, SHAPE_RE = "|".join(COLORS), "|".join(synth.SHAPES)
+OBJ_RE = re.compile(rf"\b({COLOR_RE}) ({SHAPE_RE})s?\b")
+
+
+def _span(answer: str) -> str:
+    assert answer.count("<h>") == 1 and answer.count("</h>") == 1 and answer.endswith("</h>"), answer
+    inner = answer[answer.index("<h>") + 3: -4]
+    assert inner.strip() == inner and inner, answer
+    return inner
+
+
+def test_generation_records_are_well_formed_and_match_the_scene() -> None:
+    kinds: Counter[str] = Counter()
+    for i in range(400):
+        scene, category, messages = make_conversation(i, seed=5, tasks=["generation"])
+        assert category == "generation" and [m.role for m in messages] == ["user", "assistant"]
+        request, answer = messages[0].content, messages[1].content
+        assert request.endswith(" <GEN>") and request.count("<GEN>") == 1
+        assert "<h>" not in request and "<GEN>" not in answer
+        prompt = _span(answer)
+        named = OBJ_RE.findall(prompt)
+        assert named, prompt
+        objs = {(o.color, o.shape): o for o in scene.objects}
+        if not request.startswith("<image>\n"):  # re-caption: every colour and shape comes from the text
+            kinds["recaption"] += 1
+            assert "<image>" not in request
+            (color, shape), = set(named)
+            assert color in request and shape in request, (request, prompt)
+            continue
+        kinds["in_context"] += 1
+        q = request.removeprefix("<image>\n").removesuffix(" <GEN>")
+        if m := re.fullmatch(rf"draw the ({COLOR_RE}) object from this picture as a (big|small) one", q):
+            (o,) = [o for o in scene.objects if o.color == m[1]]
+            assert prompt == f"a {m[2]} {o.color} {o.shape}"
+        elif m := re.fullmatch(rf"draw the ({SHAPE_RE}) from this picture in ({COLOR_RE})", q):
+            (o,) = [o for o in scene.objects if o.shape == m[1]]
+            assert named == [(m[2], o.shape)] and m[2] != o.color
+        elif m := re.fullmatch(r"draw the object at the ([a-z ]+) of this picture", q):
+            (o,) = [o for o in scene.objects if POSITION_NAMES[o.cell] == m[1]]
+            assert named == [(o.color, o.shape)]
+        elif m := re.fullmatch(rf"draw (two|three) of the ({COLOR_RE}) object from this picture", q):
+            (o,) = [o for o in scene.objects if o.color == m[2]]
+            assert prompt == f"{m[1]} {o.color} {o.shape}s"
+        elif m := re.fullmatch(rf"draw a picture like this one but with the ({SHAPE_RE}) in ({COLOR_RE})", q):
+            assert len(named) == len(scene.objects) <= 2
+            for (color, shape), o in zip(named, scene.objects, strict=True):
+                assert shape == o.shape and color == (m[2] if o.shape == m[1] else o.color)
+                assert POSITION_NAMES[o.cell] in prompt
+        else:
+            raise AssertionError(f"unexpected request {q!r}")
+        assert objs  # the scene is the picture the request refers to
+    assert min(kinds.values()) > 120, kinds
+
+
+def test_generation_needs_naming_and_leaves_other_records_unchanged() -> None:
+    # default mix: never drawn; other categories never contain the markers
+    for i in range(300):
+        _, category, messages = make_conversation(i, seed=3)
+        assert category != "generation"
+        assert not any(t in m.content for m in messages for t in ("<GEN>", "<h>", "</h>"))
+    # a mix naming it: a record of any other category is the one a mix without it would give
+    mix = {**synth.MIX, "generation": 0.3}
+    cats = Counter()
+    for i in range(300):
+        scene, category, messages = make_conversation(i, seed=3, mix=mix)
+        cats[category] += 1
+        if category != "generation":
+            assert (scene, category, messages) == make_conversation(i, seed=3, tasks=[category])
+    assert 0.2 < cats["generation"] / 300 < 0.4, cats
+    # tasks naming it: drawn (with its own weight), so tasks=[generation] works
+    assert {make_conversation(i, 0, tasks=["generation"])[1] for i in range(20)} == {"generation"}
+    mixed = Counter(make_conversation(i, 0, tasks=["color", "generation"])[1] for i in range(200))
+    assert set(mixed) == {"color", "generation"}
+
+
+def test_generation_sample_images_and_files(tmp_path) -> None:
+    samples = [make_sample(i, 4, image_size=96, tasks=["generation"]) for i in range(40)]
+    for s in samples:
+        assert len(s.images) == s.messages[0].content.count("<image>") <= 1
+    assert any(s.images for s in samples) and any(not s.images for s in samples)
+    path = write_dataset(tmp_path / "g", n=20, seed=4, image_size=96, tasks=["generation"])
+    records = json.loads(path.read_text())
+    pngs = sorted(p.name for p in (tmp_path / "g" / "images").iterdir())
+    assert pngs == sorted(f"{r['id']}.png" for r in records if "image" in r)
+    from minigem.data.llava_json import LlavaJsonDataset
+
+    ds = LlavaJsonDataset(path)
+    for i, rec in enumerate(records):
+        s = ds[i]
+        assert s.category == "generation" and len(s.images) == ("image" in rec)
+        assert s.messages[-1].content == rec["conversations"][-1]["value"]
+
+
+def test_cli_data_synth_generation(tmp_path, capsys) -> None:
+    from minigem.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path / "d"), "--n", "6", "--tasks", "generation",
+                 "--image-size", "96"]) == 0
+    records = json.loads((tmp_path / "d" / "data.json").read_text())
+    assert {r["category"] for r in records} == {"generation"}
+    assert all(r["conversations"][0]["value"].endswith(" <GEN>") for r in records)
+
+
+def test_gen_prompt_wording() -> None:
+    assert synth.gen_prompt("green", "triangle") == "a green triangle"
+    assert synth.gen_prompt("orange", "circle") == "an orange circle"
+    assert synth.gen_prompt("blue", "square", 2, position="left") == "two blue squares on the left"
+    assert synth.gen_prompt("red", "diamond", size="large", position="top left") == \
+        "a big red diamond at the top left"
+    assert synth.gen_prompt("red", "circle", position="center") == "a red circle in the center"
+
+
+def test_generation_tokenizer_corpus() -> None:
+    from minigem.config import ModelConfig
+    from minigem.training.build import train_world_tokenizer
+
+    def cfg(corpus):
+        return ModelConfig.model_validate({"llm": {"arch": "llama"}, "system_prompt": "",
+                                           "tokenizer_train": {"corpus": corpus, "vocab_size": 512}})
+
+    plain, gen = train_world_tokenizer(cfg("synth")), train_world_tokenizer(cfg("synth+generation"))
+    assert world_texts() == world_texts(generation=False)  # the default corpus is unchanged
+    assert set(world_texts()) < set(world_texts(generation=True))
+    for marker in ("<GEN>", "<h>", "</h>"):
+        assert len(gen.encode(marker)) == 1 and len(plain.encode(marker)) > 1
+        assert marker not in gen.all_special_tokens  # plain text: decoding keeps it
+    total = {"synth": 0, "gen": 0}
+    for i in range(50):
+        _, _, msgs = make_conversation(i, 9, tasks=["generation"])
+        for m in msgs:
+            text = m.content.removeprefix("<image>\n")
+            ids = gen.encode(text)
+            assert gen.decode(ids, skip_special_tokens=True) == text
+            total["gen"] += len(ids)
+            total["synth"] += len(plain.encode(text))
+    assert total["gen"] < 0.7 * total["synth"], total

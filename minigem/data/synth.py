@@ -28,12 +28,16 @@ from minigem.errors import DataError
 
 CATEGORIES: tuple[str, ...] = (
     "caption", "color", "shape", "count", "position", "existence", "glyph", "conversation",
+    "generation",
 )
-# Fixed mix of categories (renormalised over the `tasks` a caller keeps).
+# Fixed mix of categories (renormalised over the `tasks` a caller keeps). `generation` has
+# weight 0 so the default mix (and every existing record) is unchanged: it is drawn only when
+# a config's `mix` names it, or when `tasks` names it (then with GENERATION_TASK_WEIGHT).
 MIX: dict[str, float] = {
     "caption": 0.15, "color": 0.1, "shape": 0.1, "count": 0.1, "position": 0.1,
-    "existence": 0.1, "glyph": 0.15, "conversation": 0.2,
+    "existence": 0.1, "glyph": 0.15, "conversation": 0.2, "generation": 0.0,
 }
+GENERATION_TASK_WEIGHT = 0.15
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
@@ -290,8 +294,13 @@ def make_conversation(
     """
     keep = _check_tasks(tasks if mix is None else list(mix))
     weights = MIX if mix is None else mix
+    if mix is None and tasks is not None and "generation" in keep:
+        weights = {**MIX, "generation": GENERATION_TASK_WEIGHT}
     rng = random.Random(f"minigem-synth/{seed}/{index}")
     category = rng.choices(keep, weights=[weights[c] for c in keep])[0]
+    if category == "generation":
+        scene, messages = _generation(rng)
+        return scene, category, messages
     for _ in range(50):
         scene = make_scene(rng, need_glyph=category == "glyph")
         if category == "caption":
@@ -312,14 +321,139 @@ def make_conversation(
     return scene, category, messages
 
 
+# ---------------------------------------------------------------- generation requests
+#
+# Mini-Gemini's two kinds of generation data, in miniature. A user turn ending in " <GEN>"
+# asks for a picture; the answer is a short sentence and exactly one "<h>...</h>" span holding
+# a normalised drawing prompt (count, size, colour, shape, position) for a text-to-image model.
+# (a) re-caption: a text-only request, worded freely, rewritten into the normalised prompt;
+# (b) in-context: the request refers to the scene image ("the red object from this picture"),
+# so the prompt must be filled in from what the image shows.
+
+GEN_TOKEN, SPAN_OPEN, SPAN_CLOSE = "<GEN>", "<h>", "</h>"
+COUNT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four")
+GEN_SIZES: dict[str, str] = {"small": "small", "large": "big"}  # world size -> prompt word
+_GEN_REPLIES: tuple[str, ...] = ("Sure.", "Here it is.", "Drawing it now.")
+
+
+def position_phrase(position: str) -> str:
+    """'left' -> 'on the left', 'center' -> 'in the center', 'top left' -> 'at the top left'."""
+    if position in ("left", "right"):
+        return f"on the {position}"
+    if position == "center":
+        return "in the center"
+    return f"at the {position}"
+
+
+def gen_prompt(color: str, shape: str, count: int = 1, size: str | None = None,
+               position: str | None = None) -> str:
+    """The normalised drawing prompt: 'a green triangle', 'two big blue squares on the left'."""
+    words = ([GEN_SIZES[size]] if size else []) + [color, shape + ("s" if count > 1 else "")]
+    head = COUNT_WORDS[count] if count > 1 else "an" if words[0][0] in "aeiou" else "a"
+    text = " ".join([head, *words])
+    return text + (" " + position_phrase(position) if position else "")
+
+
+def _recaption(rng: random.Random) -> tuple[str, str]:
+    """A free-form text-only request and its normalised prompt."""
+    color, shape = rng.choice(tuple(COLORS)), rng.choice(SHAPES)
+    count = rng.choice((1, 1, 1, 2, 3))
+    size = rng.choice((None, None, "small", "large"))
+    position = rng.choice(POSITIONS) if rng.random() < 0.4 else None
+    prompt = gen_prompt(color, shape, count, size, position)
+    kind = rng.randrange(4)
+    if kind == 0:  # the prompt itself, after a verb
+        verb = rng.choice(("draw", "make a picture of", "generate an image of", "paint",
+                           "show me a picture of", "can you draw"))
+        return f"{verb} {prompt}", prompt
+    noun = "a" if count == 1 else COUNT_WORDS[count]
+    things = shape + ("s" if count > 1 else "")
+    sized = f"{GEN_SIZES[size]} " if size else ""
+    where = f", {position_phrase(position)}" if position else ""
+    if kind == 1:  # colour after the noun
+        tail = "make it" if count == 1 else "make them"
+        return f"draw {noun} {sized}{things}{where}, {tail} {color}", prompt
+    if kind == 2:
+        each = "" if count == 1 else "all "
+        return f"I would like a picture with {noun} {sized}{things}{where}, {each}{color}", prompt
+    one = COUNT_WORDS[count] if count > 1 else "one"
+    return f"picture: {one} {sized}{things}, {color}{where}", prompt
+
+
+def _in_context(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
+    """A request about the scene image, or None if the drawn kind does not apply."""
+    objs = scene.objects
+    colors = [o.color for o in objs]
+    shapes = [o.shape for o in objs]
+    kind = rng.randrange(5)
+    if kind == 0:  # by colour, resized
+        cand = [o for o in objs if colors.count(o.color) == 1]
+        if not cand:
+            return None
+        o = rng.choice(cand)
+        size = rng.choice(("small", "large"))
+        return (f"draw the {o.color} object from this picture as a {GEN_SIZES[size]} one",
+                gen_prompt(o.color, o.shape, size=size))
+    if kind == 1:  # by shape, recoloured
+        cand = [o for o in objs if shapes.count(o.shape) == 1]
+        if not cand:
+            return None
+        o = rng.choice(cand)
+        new = rng.choice([c for c in COLORS if c != o.color])
+        return f"draw the {o.shape} from this picture in {new}", gen_prompt(new, o.shape)
+    if kind == 2:  # by position
+        o = rng.choice(objs)
+        return (f"draw the object at the {o.position} of this picture",
+                gen_prompt(o.color, o.shape))
+    if kind == 3:  # by colour, several of them
+        cand = [o for o in objs if colors.count(o.color) == 1]
+        if not cand:
+            return None
+        o = rng.choice(cand)
+        n = rng.choice((2, 3))
+        return (f"draw {COUNT_WORDS[n]} of the {o.color} object from this picture",
+                gen_prompt(o.color, o.shape, count=n))
+    # the whole (small) scene, one object recoloured
+    cand = [o for o in objs if shapes.count(o.shape) == 1]
+    if len(objs) > 2 or not cand:
+        return None
+    o = rng.choice(cand)
+    new = rng.choice([c for c in COLORS if c != o.color and (c, o.shape) not in
+                      {(p.color, p.shape) for p in objs}])
+    parts = [gen_prompt(new if p is o else p.color, p.shape, position=p.position) for p in objs]
+    return (f"draw a picture like this one but with the {o.shape} in {new}", " and ".join(parts))
+
+
+def _generation(rng: random.Random) -> tuple[Scene, list[Message]]:
+    """A generation record: (scene, messages); re-caption requests carry no image."""
+    in_context = rng.random() < 0.5
+    scene = make_scene(rng)
+    if in_context:
+        for _ in range(50):
+            req = _in_context(scene, rng)
+            if req is not None:
+                break
+            scene = make_scene(rng)
+        else:  # pragma: no cover - kind 2 always applies
+            raise RuntimeError("could not build an in-context generation request")
+    else:
+        req = _recaption(rng)
+    request, prompt = req
+    answer = f"{rng.choice(_GEN_REPLIES)} {SPAN_OPEN}{prompt}{SPAN_CLOSE}"
+    user = ("<image>\n" if in_context else "") + f"{request} {GEN_TOKEN}"
+    return scene, [Message("user", user), Message("assistant", answer)]
+
+
 def make_sample(
     index: int, seed: int, image_size: int = 128, tasks: list[str] | None = None,
     mix: dict[str, float] | None = None, max_turns: int = 4,
 ) -> Sample:
     """Record `index` of the world with this seed: one image, deterministic in (seed, index)."""
     scene, category, messages = make_conversation(index, seed, tasks, mix, max_turns)
+    has_image = any("<image>" in m.content for m in messages)
     return Sample(
-        id=f"synth-{seed}-{index:07d}", messages=messages, images=[render(scene, image_size)],
+        id=f"synth-{seed}-{index:07d}", messages=messages,
+        images=[render(scene, image_size)] if has_image else [],
         category=category, source=f"synth(seed={seed})",
     )
 
@@ -340,6 +474,7 @@ class SynthSource:
             raise DataError(f"synthetic image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
         self.n, self.seed, self.image_size = n, seed, image_size
         self.tasks = list(_check_tasks(tasks))
+        self._tasks = None if tasks is None else self.tasks  # None: the default MIX as is
 
     def __len__(self) -> int:
         return self.n
@@ -347,7 +482,7 @@ class SynthSource:
     def __getitem__(self, i: int) -> Sample:
         if not -self.n <= i < self.n:
             raise IndexError(f"index {i} out of range for SynthSource of size {self.n}")
-        return make_sample(i % self.n, self.seed, self.image_size, self.tasks, self.mix,
+        return make_sample(i % self.n, self.seed, self.image_size, self._tasks, self.mix,
                            self.max_turns)
 
 
@@ -365,13 +500,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def to_llava(sample: Sample, image: str) -> dict:
-    """A LLaVA-format record ({"id", "image", "category", "conversations"})."""
+def to_llava(sample: Sample, image: str | None) -> dict:
+    """A LLaVA-format record ({"id", "image", "category", "conversations"}); a text-only
+    record (image None) has no "image" key."""
     who = {"user": "human", "assistant": "gpt"}
-    return {
-        "id": sample.id, "image": image, "category": sample.category,
-        "conversations": [{"from": who[m.role], "value": m.content} for m in sample.messages],
-    }
+    rec = {"id": sample.id, "image": image, "category": sample.category,
+           "conversations": [{"from": who[m.role], "value": m.content} for m in sample.messages]}
+    if image is None:
+        del rec["image"]
+    return rec
 
 
 def write_dataset(
@@ -389,9 +526,10 @@ def write_dataset(
     records = []
     for i in range(n):
         sample = source[i]
-        rel = f"images/{sample.id}.png"
-        buf = _png_bytes(sample.images[0])
-        _atomic_write(out / rel, buf)
+        rel = None
+        if sample.images:
+            rel = f"images/{sample.id}.png"
+            _atomic_write(out / rel, _png_bytes(sample.images[0]))
         records.append(to_llava(sample, rel))
     path = out / "data.json"
     _atomic_write(path, (json.dumps(records, indent=1, ensure_ascii=False) + "\n").encode())
@@ -404,8 +542,19 @@ def _png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def world_texts() -> list[str]:
-    """Every word and phrase the world can produce, every question, and sample captions."""
+def generation_texts(n: int = 512) -> list[str]:
+    """Generation requests and answers (markers included), for a tokenizer corpus."""
+    texts = [GEN_TOKEN, SPAN_OPEN, SPAN_CLOSE, *_GEN_REPLIES, *COUNT_WORDS, *GEN_SIZES.values()]
+    texts += [position_phrase(p) for p in POSITIONS]
+    for i in range(n):
+        _, msgs = _generation(random.Random(f"minigem-synth/generation-texts/{i}"))
+        texts += [m.content.removeprefix("<image>\n") for m in msgs]
+    return list(dict.fromkeys(texts))
+
+
+def world_texts(generation: bool = False) -> list[str]:
+    """Every word and phrase the world can produce, every question, and sample captions
+    (+ generation requests and answers with `generation`; the default corpus is unchanged)."""
     texts: list[str] = [CAPTION_PROMPT, "How many objects are there?", "yes", "no"]
     texts += list(COLORS) + list(SHAPES) + [f"{s}s" for s in SHAPES] + list(SIZES)
     texts += list(POSITIONS) + list(GLYPHS) + [str(k) for k in range(10)]
@@ -418,4 +567,6 @@ def world_texts() -> list[str]:
                       f"What is written on the {c} {s}?"]
     rng = random.Random("minigem-synth/world-texts")
     texts += [caption(make_scene(rng)) for _ in range(256)]
+    if generation:
+        texts += generation_texts()
     return list(dict.fromkeys(texts))

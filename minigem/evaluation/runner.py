@@ -3,7 +3,10 @@
 The last assistant turn of each record is the reference; everything before it is the
 prompt. Short-answer categories are scored by normalised exact match; long-form ones
 (`caption`, `conversation`, or any answer longer than a few words without a category)
-are reported separately with token F1, never mixed into the accuracy.
+are reported separately with token F1, never mixed into the accuracy. `generation` records
+(a request ending in ``<GEN>``, answered with a ``<h>...</h>`` drawing prompt) are scored by
+`gen_span` (a well-formed span naming the reference's colour and shape); every other record
+by `spurious_span` (the answer holds a span marker it should not have).
 """
 
 from __future__ import annotations
@@ -11,9 +14,16 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from minigem.evaluation.metrics import exact_match, token_f1
+from minigem.evaluation.metrics import (
+    SPAN_OPEN,
+    exact_match,
+    gen_span_match,
+    has_span,
+    token_f1,
+)
 
 LONG_FORM = {"caption", "conversation"}
+GENERATION = "generation"
 
 
 @dataclass
@@ -23,10 +33,17 @@ class EvalReport:
     per_category: dict[str, dict[str, float]] = field(default_factory=dict)  # acc, n
     long_form: dict[str, dict[str, float]] = field(default_factory=dict)  # f1, n
     examples: list[dict[str, str]] = field(default_factory=list)
+    gen_span: dict[str, float] | None = None  # rate, n (generation records), if any
+    spurious_span: dict[str, float] | None = None  # rate, n (all other records), if any
 
     def to_dict(self) -> dict:
-        return {"accuracy": self.accuracy, "n_scored": self.n_scored,
-                "per_category": self.per_category, "long_form": self.long_form}
+        out = {"accuracy": self.accuracy, "n_scored": self.n_scored,
+               "per_category": self.per_category, "long_form": self.long_form}
+        if self.gen_span is not None:
+            out["gen_span"] = self.gen_span
+        if self.spurious_span is not None:
+            out["spurious_span"] = self.spurious_span
+        return out
 
     def format(self) -> str:
         lines = [f"accuracy {self.accuracy:.1%} on {self.n_scored} short-answer records"]
@@ -34,6 +51,12 @@ class EvalReport:
             lines.append(f"  {cat:<12} {r['accuracy']:.1%}  (n={int(r['n'])})")
         for cat, r in sorted(self.long_form.items()):
             lines.append(f"  {cat:<12} token F1 {r['f1']:.3f}  (n={int(r['n'])}, not exact-match scored)")
+        if self.gen_span is not None:
+            lines.append(f"  gen_span     {self.gen_span['rate']:.1%}  (n={int(self.gen_span['n'])}, "
+                         "well-formed <h> span naming the requested colour and shape)")
+        if self.spurious_span is not None and self.gen_span is not None:
+            lines.append(f"  spurious_span {self.spurious_span['rate']:.1%}  "
+                         f"(n={int(self.spurious_span['n'])}, <h> in answers to non-<GEN> requests)")
         return "\n".join(lines)
 
 
@@ -43,6 +66,8 @@ def evaluate(model, source, batch_size: int = 16, max_new_tokens: int = 24,
     n = len(source) if limit is None else min(limit, len(source))
     hits: dict[str, list[bool]] = defaultdict(list)
     f1s: dict[str, list[float]] = defaultdict(list)
+    gen: list[bool] = []
+    spurious: list[bool] = []
     examples = []
     was_training = model.training
     model.eval()
@@ -57,10 +82,14 @@ def evaluate(model, source, batch_size: int = 16, max_new_tokens: int = 24,
             ref = next(m.content for m in reversed(s.messages) if m.role == "assistant")
             cat = s.category or "uncategorised"
             long_form = cat in LONG_FORM or (s.category is None and len(ref.split()) > 3)
-            if long_form:
-                f1s[cat].append(token_f1(pred, ref))
+            if cat == GENERATION or (s.category is None and SPAN_OPEN in ref):
+                gen.append(gen_span_match(pred, ref))
             else:
-                hits[cat].append(exact_match(pred, ref))
+                spurious.append(has_span(pred))
+                if long_form:
+                    f1s[cat].append(token_f1(pred, ref))
+                else:
+                    hits[cat].append(exact_match(pred, ref))
             if len(examples) < keep_examples:
                 examples.append({"id": s.id, "category": cat, "prediction": pred, "reference": ref})
     model.train(was_training)
@@ -71,4 +100,6 @@ def evaluate(model, source, batch_size: int = 16, max_new_tokens: int = 24,
         per_category={c: {"accuracy": sum(v) / len(v), "n": len(v)} for c, v in hits.items()},
         long_form={c: {"f1": sum(v) / len(v), "n": len(v)} for c, v in f1s.items()},
         examples=examples,
+        gen_span={"rate": sum(gen) / len(gen), "n": len(gen)} if gen else None,
+        spurious_span={"rate": sum(spurious) / len(spurious), "n": len(spurious)} if spurious else None,
     )

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API: ``create_app(model, settings)`` -> a FastAPI app.
 
 Routes: ``POST /v1/chat/completions`` (see ``completions``), ``POST /v1/images/generations``,
+``POST /v1/explain`` (Mini-Gemini models: the mining heat map, see ``minigem.serving.explain``),
 ``GET /v1/models[/{id}]``, ``GET /health``, the OpenAPI schema at ``/openapi.json`` and the
 web UI at ``/``. The engine's worker starts and stops with the app (lifespan). ``/v1/*``
 needs ``Authorization: Bearer KEY`` when the settings carry an API key.
@@ -20,10 +21,12 @@ from minigem.serving.chat import check_model
 from minigem.serving.completions import chat_completions
 from minigem.serving.engine import Engine
 from minigem.serving.errors import APIError, install_handlers
+from minigem.serving.explain import explain_endpoint
 from minigem.serving.imagegen import ImageGenerator, parse_size, png_base64, unavailable
 from minigem.serving.schemas import (
     ChatCompletion,
     ErrorResponse,
+    ExplainResponse,
     Health,
     ImageData,
     ImageGenerationRequest,
@@ -114,6 +117,7 @@ def create_app(model, settings: ServeSettings | None = None,
         check_model(model_id, settings.model_name)
         return ModelCard(id=settings.model_name, created=created)
 
+    v1.add_api_route("/explain", explain_endpoint, methods=["POST"], response_model=ExplainResponse)
     v1.add_api_route("/chat/completions", chat_completions, methods=["POST"],
                      response_model=ChatCompletion, response_model_exclude_none=True,
                      responses={200: {"content": {"text/event-stream": {}},
@@ -131,9 +135,14 @@ def create_app(model, settings: ServeSettings | None = None,
 
     app.include_router(v1)
 
+    from minigem.explain import has_mining
+
+    mining = has_mining(model)
+
     @app.get("/health", response_model=Health)
     async def health() -> Health:
         return Health(model=settings.model_name, image_generation=image_generator is not None,
+                      mining=mining,
                       auth_required=settings.api_key is not None, max_images=settings.max_images,
                       max_tokens_limit=settings.max_tokens_limit,
                       queued=engine.queued, running=engine.running)

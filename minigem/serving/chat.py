@@ -14,6 +14,7 @@ import torch
 from minigem.data.records import Message
 from minigem.errors import MinigemError
 from minigem.generation.decode import GenerationConfig
+from minigem.imagegen.markers import add_gen_marker_to_messages
 from minigem.serving.errors import APIError, bad_request
 from minigem.serving.images import load_image
 from minigem.serving.schemas import ChatCompletionRequest, ChatMessage, ImagePart, ImageURL
@@ -98,6 +99,11 @@ def gen_config(body: ChatCompletionRequest, prompt_len: int, model, settings: Se
 def prepare(model, settings: ServeSettings, body: ChatCompletionRequest) -> Prepared:
     """Validate and encode one request (runs in a worker thread: decodes images)."""
     messages, refs = to_messages(body, model.config.image_token, settings)
+    if body.modalities and "image" in body.modalities:
+        try:
+            messages = add_gen_marker_to_messages(messages)  # the user turn asks for an image
+        except MinigemError as err:
+            raise bad_request(str(err), "messages") from None
     limit = min(settings.max_prompt_tokens or model.config.max_length, model.config.max_length)
     if sum(len(m.content) for m in messages) > 64 * limit:  # surely too long: skip tokenizing
         raise bad_request(f"the prompt is too long: the limit is {limit - 1} tokens", "messages",

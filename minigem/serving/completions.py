@@ -18,6 +18,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from minigem.errors import MinigemError
+from minigem.imagegen.markers import MarkerFilter, extract_prompt, strip_markers
 from minigem.serving.chat import Prepared, check_model, prepare
 from minigem.serving.engine import Delta, Done, Event, Failed, Job, QueueFull
 from minigem.serving.errors import APIError
@@ -61,7 +63,8 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     if done is None:  # the client went away: nobody reads this
         return JSONResponse({}, status_code=499)
     message: dict = {"role": "assistant", "content": text}
-    if want_image:
+    if want_image:  # the answer's <h>...</h> prompt is drawn; the user sees no markers
+        message["content"] = strip_markers(text)
         message["images"] = await _images(app, text)
     return {**meta, "object": "chat.completion", "system_fingerprint": None,
             "choices": [{"index": 0, "message": message, "finish_reason": done.finish_reason,
@@ -79,8 +82,12 @@ def _usage(done: Done) -> dict:
             "total_tokens": done.prompt_tokens + done.completion_tokens}
 
 
-async def _images(app, text: str) -> list[dict]:
-    images = await run_in_threadpool(app.state.image_generator.generate, text, 1)
+async def _images(app, answer: str) -> list[dict]:
+    """The picture for the answer's last ``<h>...</h>`` span (none without one)."""
+    prompt = extract_prompt(answer)
+    if prompt is None:
+        return []
+    images = await run_in_threadpool(app.state.image_generator.generate, prompt, 1)
     return [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + png_base64(im)}}
             for im in images]
 
@@ -121,17 +128,28 @@ def _chunk(meta: dict, delta: dict, finish: str | None = None, usage: bool = Fal
 async def _sse(job: Job, meta: dict, usage: bool, want_image: bool,
                request: Request) -> AsyncIterator[str]:
     events = _events(job, request)
+    markers = MarkerFilter() if want_image else None  # hides <h>, </h> split across deltas
     try:
         yield _chunk(meta, {"role": "assistant", "content": ""}, usage=usage)
         async for ev in events:
             if isinstance(ev, Delta):
-                yield _chunk(meta, {"content": ev.text}, usage=usage)
+                text = markers.feed(ev.text) if markers else ev.text
+                if text:
+                    yield _chunk(meta, {"content": text}, usage=usage)
             elif isinstance(ev, Failed):
                 err = APIError(ev.status, ev.message, code="timeout" if ev.status == 408 else None)
                 yield f"data: {json.dumps(err.body())}\n\n"
             else:
-                if want_image:
-                    yield _chunk(meta, {"images": await _images(request.app, ev.text)}, usage=usage)
+                if markers is not None:
+                    rest = markers.flush().rstrip()
+                    if rest:
+                        yield _chunk(meta, {"content": rest}, usage=usage)
+                    try:
+                        images = await _images(request.app, ev.text)
+                    except MinigemError as err:  # e.g. a size the pipeline refuses
+                        images = []
+                        yield f"data: {json.dumps(APIError(400, str(err)).body())}\n\n"
+                    yield _chunk(meta, {"images": images}, usage=usage)
                 yield _chunk(meta, {}, ev.finish_reason, usage=usage)
                 if usage:
                     tail = {**meta, "object": "chat.completion.chunk", "system_fingerprint": None,

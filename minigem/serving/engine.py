@@ -112,6 +112,9 @@ class Engine:
         self._waited = 0  # decode steps the waiting jobs have been held back
         self._pending: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
+        # held by the worker for each prefill + decode step; other users of the model that
+        # must not overlap a step (``minigem.explain`` switches attention kinds) take it too
+        self.model_lock = threading.Lock()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.running = 0
@@ -158,15 +161,16 @@ class Engine:
                     break
                 admit = self._admit(batch)
             try:
-                t0 = time.perf_counter()
-                if admit:
-                    self._prefill(batch, admit)
-                    self.stats["prefills"] += 1
-                    self.stats["prefill_rows"] += len(admit)
-                for row in batch.step():
-                    self._finish(row.tag, row.out)
-                self.stats["steps"] += 1
-                self.stats["busy_ms"] += int((time.perf_counter() - t0) * 1e3)
+                with self.model_lock:
+                    t0 = time.perf_counter()
+                    if admit:
+                        self._prefill(batch, admit)
+                        self.stats["prefills"] += 1
+                        self.stats["prefill_rows"] += len(admit)
+                    for row in batch.step():
+                        self._finish(row.tag, row.out)
+                    self.stats["steps"] += 1
+                    self.stats["busy_ms"] += int((time.perf_counter() - t0) * 1e3)
             except Exception:  # a bug must not kill the worker: fail the batch, carry on
                 log.exception("generation failed")
                 for row in batch.cancel_all():

@@ -1,31 +1,28 @@
-"""The hook for image generation (the generation bridge is not built yet).
+"""Image generation in the server (the generator itself is ``minigem.imagegen``).
 
-A server is created with an optional ``ImageGenerator``. Without one, both ways of asking
-for an image (``POST /v1/images/generations`` and ``modalities: ["text", "image"]`` on chat
-completions) answer 400 ``image_generation_unavailable``. With one, the images endpoint
-passes the prompt through, and a chat completion asking for an image passes the
-assistant's answer (the bridge decides what to draw from it, e.g. its ``<h>...</h>`` span)
-and returns the picture as a data: URL in ``message.images``.
+A server is created with an optional ``ImageGenerator`` (``minigem serve`` attaches a
+``DiffusionBridge``). Without one, both ways of asking for an image
+(``POST /v1/images/generations`` and ``modalities: ["text", "image"]`` on chat completions)
+answer 400 ``image_generation_unavailable``. With one, the images endpoint passes the
+prompt straight through; a chat completion asking for an image ends the last user turn in
+``<GEN>``, draws the last ``<h>...</h>`` span of the answer, and returns the answer without
+markers plus the picture as a data: URL in ``message.images`` (none when the model wrote no
+span).
 """
 
 from __future__ import annotations
 
 import base64
 import io
-from typing import Protocol
 
 from PIL import Image
 
+from minigem.imagegen.chat import ImageGenerator
 from minigem.serving.errors import bad_request
 
+__all__ = ["ImageGenerator", "UNAVAILABLE", "parse_size", "png_base64", "unavailable"]
+
 UNAVAILABLE = "image generation is not available for this model"
-
-
-class ImageGenerator(Protocol):
-    def generate(self, prompt: str, n: int = 1, size: tuple[int, int] | None = None,
-                 seed: int | None = None) -> list[Image.Image]:
-        """``n`` images for ``prompt`` (``size`` = (width, height), None = the default)."""
-        ...
 
 
 def unavailable(param: str | None = None):

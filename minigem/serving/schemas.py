@@ -135,11 +135,52 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model: str
     image_generation: bool
+    mining: bool = Field(False, description="a Mini-Gemini model: POST /v1/explain is available")
     auth_required: bool
     max_images: int
     max_tokens_limit: int
     queued: int
     running: int
+
+
+class ExplainRequest(Strict):
+    """``POST /v1/explain`` (minigem extension, Mini-Gemini models): answer a question about
+    one image and show where its low-res tokens looked in the high-res image."""
+
+    model: str | None = None
+    image_url: ImageURL | str = Field(description="{url: ...} or the URL as a bare string "
+                                      "(a data: URL; http(s) when the server allows it)")
+    question: str = Field(min_length=1, max_length=4000)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy (default)")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    top_tokens: int = Field(5, ge=0, le=64, description="how many relied-on LR tokens to outline")
+
+
+class ExplainToken(BaseModel):
+    rank: int
+    view: str  # "image"; HD: "global", "crop(r,c)"
+    view_index: int
+    token: int  # index within its view
+    row: int  # cell of the LR token grid
+    col: int
+    score: float  # share of the answer's attention to visual tokens
+    box: list[int]  # [x0, y0, x1, y1] of its sub-region, in HR image pixels
+    peak: list[int]  # [x, y] centre of the HR cell it attended to most
+
+
+class ExplainResponse(BaseModel):
+    object: Literal["explanation"] = "explanation"
+    model: str
+    answer: str
+    heatmap: str = Field(description="the rendered heat map, a data:image/png;base64 URL")
+    hr_size: int
+    views: list[str]
+    tokens_per_view: int
+    lr_grid: int
+    cells_per_token: int
+    visual_attention: float
+    top_tokens: list[ExplainToken]
 
 
 class ErrorDetail(BaseModel):

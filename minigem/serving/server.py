@@ -29,8 +29,12 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, threads: int | None = None, **limits) -> int:
-    """Blocking: serve until interrupted. ``limits``: ServeSettings fields (+ remote_images)."""
+          api_key: str | None = None, threads: int | None = None,
+          image_pipeline: str | Path | None = None, **limits) -> int:
+    """Blocking: serve until interrupted. ``limits``: ServeSettings fields (+ remote_images).
+
+    ``image_pipeline``: a diffusers text-to-image directory for image generation (None: off).
+    """
     if not 0 < port < 65536:
         raise MinigemError(f"--port must be in 1..65535, got {port}")
     import torch
@@ -52,8 +56,16 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000,
     except ValidationError as err:
         first = err.errors()[0]
         raise MinigemError(f"serve: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    bridge = None
+    if image_pipeline is not None:
+        from minigem.imagegen.bridge import DiffusionBridge
+
+        bridge = DiffusionBridge(image_pipeline)
     model = load_model(model_path)
-    app = create_app(model, settings)
+    if bridge is not None:
+        bridge.load()  # now rather than in the first request
+        print(f"minigem: image generation with {bridge.path}", flush=True)
+    app = create_app(model, settings, image_generator=bridge)
     print(f"minigem: serving {settings.model_name} on http://{host}:{port}/ (API at /v1, docs at /docs)",
           flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

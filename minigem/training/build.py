@@ -42,6 +42,15 @@ def build_for_recipe(recipe: RecipeConfig):
     if any(s.upcycle for s in recipe.training.stages):
         cfg.moe = None
     torch.manual_seed(recipe.training.seed)
+    if cfg.tokenizer_train is not None and cfg.tokenizer_train.corpus == "synth" and any(
+        s.data.synth is not None and "generation" in (s.data.synth.mix or s.data.synth.tasks or ())
+        for s in recipe.training.stages
+    ):
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "a stage trains on synthetic `generation` records but model.tokenizer_train.corpus is "
+            "'synth': <GEN>, <h> and </h> take 3 tokens each; use corpus: synth+generation")
     tok = load_recipe_tokenizer(cfg)
     return VisionLanguageModel.build(cfg, tok)
 
@@ -52,11 +61,19 @@ def train_world_tokenizer(cfg: ModelConfig):
     from minigem.data.records import Message
     from minigem.data.synth import world_texts
 
-    texts = list(world_texts())
+    generation = cfg.tokenizer_train.corpus == "synth+generation"
+    texts = list(world_texts(generation=generation))
     tpl = get_template(cfg.template)
     for q, a in zip(texts[::2], texts[1::2], strict=False):
         msgs = [Message("user", f"{cfg.image_token}\n{q}"), Message("assistant", a)]
         texts.append(tpl.render_text(msgs, system=cfg.system_prompt))
     tok = train_tokenizer(texts, vocab_size=cfg.tokenizer_train.vocab_size,
                           extra_special_tokens=[cfg.image_token])
+    if generation:  # one id each, but plain text: decoding with skip_special_tokens keeps them
+        from tokenizers import AddedToken
+
+        from minigem.data.synth import GEN_TOKEN, SPAN_CLOSE, SPAN_OPEN
+
+        tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t in (GEN_TOKEN, SPAN_OPEN, SPAN_CLOSE)])
     return tok

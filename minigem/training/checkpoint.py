@@ -31,13 +31,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: str | Path, model, trainer_state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoints/stage{i}-step{s}/ atomically, then point checkpoints/latest at it."""
+def save_checkpoint(output_dir: str | Path, model, trainer_state: dict[str, Any], keep: int = 2,
+                    write=write_model) -> Path:
+    """Write checkpoints/stage{i}-step{s}/ atomically, then point checkpoints/latest at it.
+
+    write(model, directory) writes the weights (default: a native VLM checkpoint)."""
     root = checkpoint_root(output_dir)
     name = f"stage{trainer_state['stage']}-step{trainer_state['step']:07d}"
     dst = root / name
     with atomic_dir(dst) as tmp:
-        write_model(model, tmp)
+        write(model, tmp)
         torch.save(trainer_state, tmp / "trainer_state.pt")
     latest_tmp = root / ".latest.tmp"
     latest_tmp.write_text(name + "\n")

@@ -92,7 +92,9 @@ async function send(text) {
   const body = { model: modelName, messages, stream: true,
                  temperature: Number($("temperature").value) || 0,
                  max_tokens: Math.max(1, Math.floor(Number($("max-tokens").value) || 128)) };
-  if ($("gen-image").checked) body.modalities = ["text", "image"];
+  const wantImage = $("gen-image").checked;
+  if (wantImage) body.modalities = ["text", "image"];
+  let gotImage = false;
   const resp = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body) });
   if (!resp.ok) {
     const err = await resp.json().catch(() => ({}));
@@ -109,11 +111,55 @@ async function send(text) {
       const img = document.createElement("img");
       img.src = im.image_url.url;
       img.alt = "generated image";
+      img.className = "generated";
       answer.appendChild(img);
+      gotImage = true;
     }
     log.scrollTop = log.scrollHeight;
   }
+  if (wantImage && !gotImage) {
+    const note = document.createElement("small");
+    note.className = "note";
+    note.textContent = "(no image: the model wrote no image prompt)";
+    answer.appendChild(note);
+  }
   history = messages.concat([{ role: "assistant", content: out.textContent }]);
+}
+
+// Mini-Gemini only (/health "mining"): the patch-mining heat map of the message's first image,
+// from POST /v1/explain, shown under the answer. A failure here never fails the chat.
+async function showMining(url, question) {
+  const answers = log.querySelectorAll(".msg.assistant");
+  const answer = answers[answers.length - 1];
+  if (!answer) return;
+  const note = document.createElement("small");
+  note.className = "mining-note";
+  note.textContent = "(mining heat map…)";
+  answer.appendChild(note);
+  const body = { model: modelName, image_url: { url }, question: question || "Describe the image.",
+                 temperature: Number($("temperature").value) || 0,
+                 max_tokens: Math.max(1, Math.floor(Number($("max-tokens").value) || 128)) };
+  try {
+    const resp = await fetch("/v1/explain", { method: "POST", headers: headers(), body: JSON.stringify(body) });
+    const data = await resp.json().catch(() => ({}));
+    if (!resp.ok) throw new Error((data.error && data.error.message) || resp.statusText);
+    const img = document.createElement("img");
+    img.src = data.heatmap;
+    img.alt = "mining heat map";
+    img.className = "heatmap";
+    note.replaceWith(img);
+    const cap = document.createElement("small");
+    cap.className = "mining-note";
+    const tops = data.top_tokens.map((t) => `#${t.rank} ${t.view === "image" ? "" : t.view + " "}` +
+      `(${t.row},${t.col}) ${(100 * t.score).toFixed(1)}%`);
+    const shown = answer.querySelector(".text").textContent.trim();
+    cap.textContent = "relied on most: " + tops.join(", ") +
+      (data.answer.trim() !== shown ? ` (heat map for the single-turn answer: ${data.answer})` : "");
+    answer.appendChild(cap);
+  } catch (e) {
+    note.textContent = "(no heat map: " + String(e.message || e) + ")";
+  }
+  log.scrollTop = log.scrollHeight;
 }
 
 $("form").addEventListener("submit", async (ev) => {
@@ -124,8 +170,10 @@ $("form").addEventListener("submit", async (ev) => {
   $("send").disabled = true;
   log.dataset.state = "busy";
   $("prompt").value = "";
+  const shots = pending.slice();  // the message's images (send() clears pending)
   try {
     await send(text);
+    if (shots.length && $("show-mining").checked) await showMining(shots[0], text);
     log.dataset.state = "done";
   } catch (e) {
     bubble("error", String(e.message || e));
@@ -150,10 +198,11 @@ fetch("/health").then((r) => r.json()).then((h) => {
   $("key-row").hidden = !h.auth_required;
   $("max-tokens").max = h.max_tokens_limit;
   $("max-tokens").value = Math.min(Number($("max-tokens").value), h.max_tokens_limit);
+  $("mining-label").hidden = !h.mining;
   if (h.image_generation) {
     $("gen-image").disabled = false;
     $("gen-label").setAttribute("aria-disabled", "false");
-    $("gen-label").title = "also generate an image from the answer";
+    $("gen-label").title = "ask the model for an image (<GEN>) and draw its <h>…</h> prompt";
   }
   document.body.dataset.ready = "true";
 }).catch(() => { $("model").textContent = "server unreachable"; });
