@@ -52,7 +52,7 @@ class Spec:
 
 
 SPECS = {
-    "tiny": Spec("tiny", (4, 128, 512, 48, 8), (4, 192, 512, 0), -1),  # the bundled tiny-shapes model
+    "tiny": Spec("tiny", (4, 128, 512, 48, 16), (4, 192, 512, 0), -1),  # the bundled tiny-shapes model
     "small": Spec("small", (12, 384, 1536, 224, 16), (12, 768, 2048, 32000), -2),
 }
 BATCH, NEW_TOKENS = 8, 32

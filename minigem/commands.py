@@ -149,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         final = DiffusionTrainer(recipe).run(resume=args.resume, stop_after=args.stop_after)
         print(f"checkpoint: {final}")
         return 0
-    model = build_for_recipe(recipe)
+    model = build_for_recipe(recipe, resume=args.resume)
     trainer = Trainer(recipe, model)
     final = trainer.run(resume=args.resume, stop_after=args.stop_after)
     print(f"checkpoint: {final}")

@@ -87,6 +87,14 @@ class MoEConfig(StrictModel):
     z_loss_coef: float = 0.0
 
 
+class FFNWidenConfig(StrictModel):
+    """Function-preserving FFN widening at build time (minigem.llm.widen): the dense control with
+    the active parameters of a top-k MoE (factor = top_k)."""
+
+    factor: int = Field(2, ge=2)
+    layers: Literal["sparse", "first_half", "second_half", "all"] | list[int] = "sparse"
+
+
 class TokenizerTrainConfig(StrictModel):
     """Train a small BPE tokenizer at build time (for models built from scratch)."""
 
@@ -104,6 +112,7 @@ class ModelConfig(StrictModel):
     connector: ConnectorConfig = Field(default_factory=ConnectorConfig)
     llm: LLMConfig
     moe: MoEConfig | None = None
+    ffn_widen: FFNWidenConfig | None = None  # widened FFNs (Net2Net), e.g. a dense MoE control
     tokenizer: str | None = None  # tokenizer directory; defaults to llm.path
     tokenizer_train: TokenizerTrainConfig | None = None  # or train one (when `tokenizer` is unset)
     template: str = "vicuna_v1"  # a template name, or "jinja" to use the tokenizer's chat_template
@@ -194,6 +203,8 @@ class TrainingConfig(StrictModel):
     save_every: int = Field(500, gt=0)  # optimizer steps between checkpoints
     eval_every: int | None = None
     num_workers: int = Field(0, ge=0)
+    # start from a native checkpoint directory (model, tokenizer and `model` config come from it)
+    init_from: str | None = None
     stages: list[StageConfig] = Field(min_length=1)
 
 
@@ -225,8 +236,11 @@ class RecipeConfig(StrictModel):
 
     @model_validator(mode="after")
     def _kind(self) -> RecipeConfig:
+        if self.t2i is not None and self.training.init_from is not None:
+            raise ValueError("training.init_from (a native VLM checkpoint) does not go with `t2i`")
         if (self.model is None) == (self.t2i is None):
-            raise ValueError("set exactly one of `model` (a VLM) or `t2i` (a text-to-image model)")
+            raise ValueError("set exactly one of `model` (a VLM) or `t2i` (a text-to-image model)"
+                             " (or `training.init_from`, a native checkpoint directory)")
         for s in self.training.stages:
             diffusion = s.kind == "diffusion"
             if diffusion != (self.t2i is not None):
@@ -333,7 +347,78 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeC
     data = read_yaml(path)
     for ov in overrides or []:
         apply_override(data, ov)
+    resolve_init_from(data, str(path))
     return validate(RecipeConfig, data, str(path))
+
+
+# `model` fields a recipe with `training.init_from` may set: everything else is the checkpoint's
+FINETUNE_MODEL_FIELDS = ("moe", "template", "system_prompt", "max_length")
+
+
+def resolve_init_from(data: dict[str, Any], source: str = "recipe") -> None:
+    """With ``training.init_from: DIR``, make ``data["model"]`` the effective model config, in place:
+    the checkpoint's config plus the recipe's `model` fields that fine-tuning may change
+    (FINETUNE_MODEL_FIELDS). Any other `model` field is an error unless it equals the checkpoint's
+    value (so a saved, resolved recipe loads again). No-op without `init_from`.
+    """
+    training = data.get("training")
+    init_from = training.get("init_from") if isinstance(training, dict) else None
+    if init_from is None:
+        return
+    from minigem.checkpoints.native import read_config
+    from minigem.errors import CheckpointError
+
+    try:
+        ckpt = read_config(Path(str(init_from)).expanduser())
+    except CheckpointError as err:
+        raise ConfigError(f"{source}: training.init_from: {err}") from None
+    base = ckpt.model_dump(mode="json")
+    given = data.get("model") or {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"{source}: model: expected a mapping")
+    allowed = ", ".join(f"model.{f}" for f in FINETUNE_MODEL_FIELDS)
+    for key, value in given.items():
+        if key in FINETUNE_MODEL_FIELDS:
+            continue
+        bad = _first_difference(value, base.get(key), f"model.{key}")
+        if bad is not None:
+            path, have = bad
+            raise ConfigError(
+                f"{source}: {path}: comes from the checkpoint (training.init_from={init_from}, "
+                f"which has {have!r}); with init_from a recipe's `model` section may set only "
+                f"{allowed}")
+    effective = dict(base)
+    for key in FINETUNE_MODEL_FIELDS:
+        if key in given:
+            effective[key] = given[key]
+    if ckpt.moe is not None and "moe" in given:
+        want = given["moe"] if isinstance(given["moe"], dict) else {}
+        for f in ("num_experts", "layers", "shared_expert"):
+            if f in want and _first_difference(want[f], base["moe"][f], "") is not None:
+                raise ConfigError(
+                    f"{source}: model.moe.{f}: comes from the checkpoint (training.init_from="
+                    f"{init_from} is a MoE model with {f}={base['moe'][f]!r})")
+        effective["moe"] = {**base["moe"], **want} if given["moe"] is not None else None
+        if effective["moe"] is None:
+            raise ConfigError(f"{source}: model.moe: the checkpoint (training.init_from={init_from}) "
+                              "is a MoE model; it cannot be made dense")
+    data["model"] = effective
+
+
+def _first_difference(value: Any, have: Any, path: str) -> tuple[str, Any] | None:
+    """(dotted path, checkpoint value) of the first place `value` is not (a subset of) `have`."""
+    if isinstance(value, dict) and isinstance(have, dict):
+        for k, v in value.items():
+            bad = _first_difference(v, have.get(k), f"{path}.{k}")
+            if bad is not None:
+                return bad
+        return None
+    if isinstance(value, list | tuple) and isinstance(have, list | tuple):
+        if len(value) == len(have) and all(
+                _first_difference(a, b, path) is None for a, b in zip(value, have, strict=True)):
+            return None
+        return path, have
+    return None if value == have else (path, have)
 
 
 def dump_yaml(cfg: BaseModel) -> str:

@@ -85,6 +85,10 @@ class VisionLanguageModel(nn.Module):
             aux = build_hr_tower(config.vision_aux)
             aux_dim = aux.out_channels
         lm = build_llm(config.llm, vocab_size=len(tokenizer))
+        if config.ffn_widen is not None:
+            from minigem.llm.widen import widen_ffn
+
+            widen_ffn(lm, config.ffn_widen)
         if config.moe is not None:
             from minigem.llm.moe import apply_moe
 

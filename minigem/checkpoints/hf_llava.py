@@ -325,6 +325,8 @@ def _check_exportable(model) -> None:
         problems.append("a high-res tower (vision_aux)")
     if cfg.moe is not None:
         problems.append("MoE FFNs")
+    if cfg.ffn_widen is not None:
+        problems.append("widened FFNs (model.ffn_widen)")
     if model.language_model.base_model_prefix != "model":
         problems.append(f"LLM {model.language_model.config.model_type!r} (its weights are not under `model.`)")
     if problems:

@@ -34,10 +34,18 @@ def load_recipe_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def build_for_recipe(recipe: RecipeConfig):
-    """A fresh model for the recipe's first stage (dense if a later stage upcycles to MoE)."""
+def build_for_recipe(recipe: RecipeConfig, resume: bool = False):
+    """A fresh model for the recipe's first stage (dense if a later stage upcycles to MoE).
+
+    With `training.init_from`, the model and tokenizer are loaded from that native checkpoint
+    (`recipe.model` is then the effective config: the checkpoint's plus the recipe's fine-tuning
+    fields, see `config.resolve_init_from`); with `resume` and a checkpoint of the run's own, from
+    that one instead (the trainer loads its weights), so init_from is needed only for a fresh start.
+    """
     from minigem.model import VisionLanguageModel
 
+    if recipe.training.init_from is not None:
+        return load_for_finetune(recipe, resume)
     cfg = recipe.model.model_copy(deep=True)
     if any(s.upcycle for s in recipe.training.stages):
         cfg.moe = None
@@ -77,3 +85,43 @@ def train_world_tokenizer(cfg: ModelConfig):
         tok.add_tokens([AddedToken(t, special=False, normalized=False)
                         for t in (GEN_TOKEN, SPAN_OPEN, SPAN_CLOSE)])
     return tok
+
+
+def load_for_finetune(recipe: RecipeConfig, resume: bool = False):
+    """The model of `training.init_from` with the recipe's fine-tuning fields applied."""
+    from minigem.chat import ensure_special_tokens, get_template
+    from minigem.checkpoints.native import load_model
+    from minigem.errors import ConfigError
+    from minigem.training.checkpoint import latest_checkpoint
+
+    src = Path(recipe.training.init_from).expanduser()
+    own = latest_checkpoint(recipe.training.output_dir) if resume else None
+    torch.manual_seed(recipe.training.seed)
+    if own is not None:  # the run's own checkpoint (dense or MoE, as saved): its config is final
+        return load_model(own)
+    try:
+        model = load_model(src)
+    except CheckpointError as err:
+        raise CheckpointError(f"training.init_from: {err}") from None
+    cfg = recipe.model.model_copy(deep=True)
+    upcycle = any(s.upcycle for s in recipe.training.stages)
+    if upcycle:
+        if model.config.moe is not None:
+            raise ConfigError(f"training.init_from={src} is already a MoE model: drop `upcycle` "
+                              "from the recipe's stages (train [moe] to tune its experts)")
+        if cfg.moe is None:
+            raise ConfigError("an `upcycle` stage needs model.moe (the experts to create)")
+        cfg.moe = None  # the trainer upcycles at the start of that stage
+    elif model.config.moe is None and cfg.moe is not None:
+        raise ConfigError(f"model.moe: training.init_from={src} is a dense model; turning it into "
+                          "MoE needs a stage with `upcycle: true`")
+    if cfg.template != model.config.template:
+        template = get_template(cfg.template)
+        ensure_special_tokens(model.tokenizer, [cfg.image_token, *template.special_tokens])
+        lm = model.language_model
+        if lm.get_input_embeddings().num_embeddings < len(model.tokenizer):
+            lm.resize_token_embeddings(len(model.tokenizer), mean_resizing=False)
+            cfg.llm.config["vocab_size"] = lm.config.vocab_size
+        model.template = template
+    model.config = cfg
+    return model
