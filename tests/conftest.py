@@ -3,11 +3,17 @@
 Everything is small enough for a 2-core CPU: CLIP hidden 32 / 2 layers on 16x16 images with
 8x8 patches (4 visual tokens per image), a llama with hidden 32 / 2 layers, and a BPE
 tokenizer of at most 300 symbols trained on the synthetic world's texts.
+
+Also the helpers shared by several test modules (import them with ``from conftest import ...``,
+never from another test module): the Mini-Gemini config ``mgm_config``, the tiny diffusers
+pipeline ``build_tiny_sd``, the scripted answers ``scripted`` / ``ANSWER`` / ``SHOWN``, and the
+module-scoped fixtures ``one_thread`` and ``model`` used by the serving tests.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +105,98 @@ def tiny_recipe(tmp_path: Path, stages: list[dict], name: str = "recipe.yaml",
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+# ----------------------------------------------------------------------------- Mini-Gemini
+
+
+def mgm_config(hd: bool = False) -> ModelConfig:
+    """A tiny random Mini-Gemini: 3x3 LR tokens with M = 4 (HR 48), or HD 5 x 2x2 tokens (HR 64)."""
+    lr = 16 if hd else 24  # patch 8: 2x2 or 3x3 tokens per view
+    return ModelConfig.model_validate({
+        "vision": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                              "num_attention_heads": 2, "image_size": lr, "patch_size": 8},
+                   "select_layer": -1},
+        "vision_aux": {"timm_name": "convnext_tiny",
+                       "config": {"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1]},
+                       "image_size": 64 if hd else 48, "image_grid": 2 if hd else 1,
+                       "image_global": hd},
+        "connector": {"type": "patch_mining"},
+        "llm": {"arch": "llama", "config": dict(TINY_LLAMA), "init_std": 0.1},
+        "template": "vicuna_v1", "system_prompt": "", "max_length": 256,
+    })
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for the whole module (``pytestmark = usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny serving model (``minigem.serving.testing.tiny_checkpoint``), loaded per module."""
+    from minigem.checkpoints.native import load_model
+    from minigem.serving.testing import tiny_checkpoint
+
+    return load_model(tiny_checkpoint())
+
+
+# ----------------------------------------------------------------------------- image generation
+
+ANSWER = "Here it is: <h>a green triangle on white</h>"
+PROMPT = "a green triangle on white"
+SHOWN = "Here it is: a green triangle on white"
+
+
+def scripted(model, script: str):
+    """The model's answers read ``script`` (3 characters per generated token)."""
+    model.tokenizer.decode = lambda ids, **kw: script[:3 * len(ids)]
+    return model
+
+
+def build_tiny_sd(root: Path) -> Path:
+    """A random StableDiffusionPipeline (UNet/VAE width 8-16, 1-layer CLIP text encoder)."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (root / "vocab").mkdir(parents=True)
+    (root / "vocab/vocab.json").write_text(json.dumps(vocab))
+    (root / "vocab/merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(root / "vocab/vocab.json"), str(root / "vocab/merges.txt"),
+                              model_max_length=16)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=16, projection_dim=16,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+        norm_num_groups=4, attention_head_dim=2)
+    vae = AutoencoderKL(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "sd")
+    return root / "sd"

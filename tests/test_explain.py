@@ -9,39 +9,16 @@ import json
 
 import pytest
 import torch
+from conftest import build_tiny_model, mgm_config
 from PIL import Image
 
-from minigem.config import ModelConfig
 from minigem.explain import ExplainError, Explanation, explain, render
 from minigem.vision.base import VisionFeatures
-from tests.conftest import TINY_LLAMA, build_tiny_model
 
 QUESTION = "What color is the circle?"
 GEN = {"max_new_tokens": 4}
 
-
-def mgm_config(hd: bool = False) -> ModelConfig:
-    lr = 16 if hd else 24  # patch 8: 2x2 or 3x3 tokens per view
-    return ModelConfig.model_validate({
-        "vision": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                              "num_attention_heads": 2, "image_size": lr, "patch_size": 8},
-                   "select_layer": -1},
-        "vision_aux": {"timm_name": "convnext_tiny",
-                       "config": {"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1]},
-                       "image_size": 64 if hd else 48, "image_grid": 2 if hd else 1,
-                       "image_global": hd},
-        "connector": {"type": "patch_mining"},
-        "llm": {"arch": "llama", "config": dict(TINY_LLAMA), "init_std": 0.1},
-        "template": "vicuna_v1", "system_prompt": "", "max_length": 256,
-    })
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ANSWER, PROMPT, SHOWN, build_tiny_sd, scripted
 from PIL import Image
 
 from minigem.cli import main
@@ -27,10 +28,6 @@ from minigem.imagegen.markers import (
     extract_prompt,
     strip_markers,
 )
-
-ANSWER = "Here it is: <h>a green triangle on white</h>"
-PROMPT = "a green triangle on white"
-SHOWN = "Here it is: a green triangle on white"
 
 # ----------------------------------------------------------------------- markers
 
@@ -96,47 +93,6 @@ def test_add_gen_marker():
 
 
 # ----------------------------------------------------------------------- tiny pipelines
-
-
-def build_tiny_sd(root: Path) -> Path:
-    """A random StableDiffusionPipeline (UNet/VAE width 8-16, 1-layer CLIP text encoder)."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (root / "vocab").mkdir(parents=True)
-    (root / "vocab/vocab.json").write_text(json.dumps(vocab))
-    (root / "vocab/merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(root / "vocab/vocab.json"), str(root / "vocab/merges.txt"),
-                              model_max_length=16)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=16, projection_dim=16,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
-        norm_num_groups=4, attention_head_dim=2)
-    vae = AutoencoderKL(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
-                        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   unet=unet, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(root / "sd")
-    return root / "sd"
 
 
 @pytest.fixture(scope="module")
@@ -254,12 +210,6 @@ def test_no_bundled_pipeline(monkeypatch, tmp_path):
 
 
 # ----------------------------------------------------------------------- chat API
-
-
-def scripted(model, script: str):
-    """The model's answers read ``script`` (3 characters per generated token)."""
-    model.tokenizer.decode = lambda ids, **kw: script[:3 * len(ids)]
-    return model
 
 
 @pytest.fixture

@@ -9,29 +9,17 @@ import io
 import httpx
 import openai
 import pytest
-import torch
 from PIL import Image
 
-from minigem.checkpoints.native import load_model
 from minigem.serving.api import create_app
 from minigem.serving.settings import ServeSettings
-from minigem.serving.testing import LiveServer, png_data_url, tiny_checkpoint
+from minigem.serving.testing import LiveServer, png_data_url
 
 LIMITS = dict(model_name="tiny", max_images=2, max_image_pixels=128 * 128, max_tokens_limit=64,
               max_body_bytes=200_000)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model(tiny_checkpoint())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import ANSWER, SHOWN, build_tiny_model, build_tiny_sd, mgm_config, scripted
 from PIL import Image
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run",
          "--disable-dev-shm-usage", "--window-size=1000,800"]
 QUESTION = "What color is the circle?"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _browser_paths() -> tuple[str, str]:
@@ -49,14 +51,6 @@ def browser(tmp_path):
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -149,7 +143,6 @@ def test_generate_an_image(browser, tmp_path):
 
     from minigem.imagegen.bridge import DiffusionBridge
     from minigem.serving.testing import tiny_model
-    from tests.test_imagegen import ANSWER, SHOWN, build_tiny_sd, scripted
 
     bridge = DiffusionBridge(build_tiny_sd(tmp_path / "t2i"), device="cpu", steps=2, size=(32, 32))
     with open_ui(browser, scripted(tiny_model(), ANSWER), image_generator=bridge):
@@ -170,9 +163,6 @@ def test_generate_an_image(browser, tmp_path):
 
 def test_mining_heat_map(browser, tmp_path, tiny_tokenizer, red_png):
     from selenium.webdriver.common.by import By
-
-    from tests.conftest import build_tiny_model
-    from tests.test_explain import mgm_config
 
     mgm = build_tiny_model(mgm_config(), tiny_tokenizer)
     with open_ui(browser, mgm, max_tokens_limit=16):

@@ -7,29 +7,16 @@ import asyncio
 import time
 
 import pytest
-import torch
 from PIL import Image
 
-from minigem.checkpoints.native import load_model
 from minigem.generation.batch import DecodeBatch, Row
 from minigem.generation.decode import Generation, GenerationConfig, generate
 from minigem.serving.engine import Delta, Done, Engine, Failed, Job, QueueFull
-from minigem.serving.testing import tiny_checkpoint
 
 QUESTIONS = ["What color is the circle?", "Describe the image.", "How many squares are there? one two"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model(tiny_checkpoint())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

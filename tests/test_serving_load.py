@@ -13,25 +13,12 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-import torch
 
-from minigem.checkpoints.native import load_model
 from minigem.serving.api import create_app
 from minigem.serving.settings import ServeSettings
-from minigem.serving.testing import LiveServer, png_data_url, tiny_checkpoint
+from minigem.serving.testing import LiveServer, png_data_url
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model(tiny_checkpoint())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def serve(model, **kw):

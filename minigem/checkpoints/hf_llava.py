@@ -33,6 +33,8 @@ from minigem.checkpoints.native import (
     hf_config_values,
     load_model,
     load_state,
+    read_foreign_config,
+    read_json,
     save_model,
     state_dict_for_save,
 )
@@ -87,27 +89,11 @@ def to_hf_key(key: str) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
 def read_llava_config(src: Path):
     """config.json -> a validated transformers LlavaConfig (only what minigem can hold)."""
     from transformers import LlavaConfig
 
-    if not src.is_dir():
-        raise CheckpointError(f"{src}: no such model directory")
-    if not (src / "config.json").is_file():
-        raise CheckpointError(f"{src}: not a model directory (no config.json)")
-    raw = _read_json(src / "config.json")
-    if raw.get("format") == "minigem":
-        raise CheckpointError(f"{src}: already a minigem checkpoint (nothing to convert)")
+    raw = read_foreign_config(src)
     if raw.get("model_type") != "llava":
         raise CheckpointError(
             f"{src}/config.json: model_type is {raw.get('model_type')!r}, expected 'llava' "
@@ -147,7 +133,7 @@ def read_weights(src: Path) -> dict[str, torch.Tensor]:
     if single.is_file():
         return load_file(str(single))
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no weight_map")
         out: dict[str, torch.Tensor] = {}
@@ -167,7 +153,7 @@ def read_weights(src: Path) -> dict[str, torch.Tensor]:
 def read_chat_template(src: Path, tokenizer) -> str | None:
     """The checkpoint's own chat template: chat_template.json > .jinja > the tokenizer's."""
     if (src / "chat_template.json").is_file():
-        source = _read_json(src / "chat_template.json").get("chat_template")
+        source = read_json(src / "chat_template.json").get("chat_template")
     elif (src / "chat_template.jinja").is_file():
         source = (src / "chat_template.jinja").read_text()
     else:
@@ -189,7 +175,7 @@ def read_image_settings(src: Path, image_size: int) -> dict[str, Any]:
     if not path.is_file():
         log.warning("%s: no preprocessor_config.json; using CLIP mean/std and `pad`", src)
         return {}
-    pp = _read_json(path)
+    pp = read_json(path)
     out: dict[str, Any] = {}
     for key in ("image_mean", "image_std"):
         val = pp.get(key)

@@ -31,7 +31,12 @@ from typing import Any
 import torch
 
 from minigem.checkpoints import hf_llava, moe_llava
-from minigem.checkpoints.native import hf_config_values, load_state, save_model
+from minigem.checkpoints.native import (
+    hf_config_values,
+    load_state,
+    read_foreign_config,
+    save_model,
+)
 from minigem.config import ModelConfig, validate
 from minigem.errors import CheckpointError
 
@@ -51,22 +56,14 @@ _CONVNEXT_NAMES = ("convnext_xxlarge", "convnext_xlarge", "convnext_large", "con
 
 def read_release_config(src: Path) -> tuple[dict[str, Any], str]:
     """config.json -> (raw dict, HF arch of the host LLM), with format checks."""
-    if not src.is_dir():
-        raise CheckpointError(f"{src}: no such model directory")
-    if not (src / "config.json").is_file():
-        raise CheckpointError(f"{src}: not a model directory (no config.json)")
-    raw = moe_llava._read_json(src / "config.json")
-    if raw.get("format") == "minigem":
-        raise CheckpointError(f"{src}: already a minigem checkpoint (nothing to convert)")
+    raw = read_foreign_config(src)
     mt = raw.get("model_type")
     if mt not in HOSTS:
         raise CheckpointError(
             f"{src}/config.json: model_type {mt!r} is not a Mini-Gemini model minigem can convert "
             f"(valid: {', '.join(HOSTS)})"
         )
-    for flag in ("mm_use_im_start_end", "mm_use_im_patch_token"):
-        if raw.get(flag):
-            raise CheckpointError(f"{src}/config.json: {flag}=true is not supported")
+    moe_llava.refuse_image_tokens(raw, src)
     return raw, HOSTS[mt]
 
 
@@ -76,15 +73,7 @@ def host_config(raw: dict[str, Any], arch: str, where: str):
     known = set(AutoConfig.for_model(arch).to_dict()) | {"rope_theta"}
     values = {k: v for k, v in raw.items() if k in known and k not in _SKIP_FIELDS
               and not k.startswith(("mm_", "image_"))}
-    if raw.get("rope_scaling"):
-        raise CheckpointError(f"{where}: rope_scaling {raw['rope_scaling']} is not supported")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-        if key not in values:
-            raise CheckpointError(f"{where}: the host LM's {key} is missing")
-    try:
-        return AutoConfig.for_model(arch, **values)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{where}: not a valid {arch} config: {err}") from None
+    return moe_llava.build_host_config(arch, values, raw, where)
 
 
 # ----------------------------------------------------------------------------- weights

@@ -30,7 +30,6 @@ and the released eval capacity factor 2.0 the capacity is every token, so eval n
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -41,7 +40,13 @@ from typing import Any
 import torch
 
 from minigem.checkpoints import hf_llava
-from minigem.checkpoints.native import hf_config_values, load_state, save_model
+from minigem.checkpoints.native import (
+    hf_config_values,
+    load_state,
+    read_foreign_config,
+    read_json,
+    save_model,
+)
 from minigem.config import ModelConfig, MoEConfig, validate
 from minigem.errors import CheckpointError, ConfigError
 
@@ -83,25 +88,9 @@ HOSTS: dict[str, Host] = {
 # ----------------------------------------------------------------------------- config
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
 def read_release_config(src: Path) -> tuple[dict[str, Any], str]:
     """config.json -> (raw dict, host family such as 'stablelm'), with format checks."""
-    if not src.is_dir():
-        raise CheckpointError(f"{src}: no such model directory")
-    if not (src / "config.json").is_file():
-        raise CheckpointError(f"{src}: not a model directory (no config.json)")
-    raw = _read_json(src / "config.json")
-    if raw.get("format") == "minigem":
-        raise CheckpointError(f"{src}: already a minigem checkpoint (nothing to convert)")
+    raw = read_foreign_config(src)
     mt = str(raw.get("model_type"))
     family = mt.removeprefix("moe_").removeprefix("llava_") if mt.startswith(("moe_llava_", "llava_")) else None
     if family not in HOSTS:
@@ -110,10 +99,15 @@ def read_release_config(src: Path) -> tuple[dict[str, Any], str]:
             f"{src}/config.json: model_type {raw.get('model_type')!r} is not a MoE-LLaVA model "
             f"minigem can convert (valid: {valid}, or their dense llava_* forms)"
         )
+    refuse_image_tokens(raw, src)
+    return raw, family
+
+
+def refuse_image_tokens(raw: dict[str, Any], src: Path) -> None:
+    """LLaVA-family releases trained with <im_start>/<im_patch> tokens are not supported."""
     for flag in ("mm_use_im_start_end", "mm_use_im_patch_token"):
         if raw.get(flag):
             raise CheckpointError(f"{src}/config.json: {flag}=true is not supported")
-    return raw, family
 
 
 def host_config(raw: dict[str, Any], family: str, where: str):
@@ -130,15 +124,22 @@ def host_config(raw: dict[str, Any], family: str, where: str):
             key = host.renames.get(key, key)
             if key in known and key not in _SKIP_FIELDS:
                 values[key] = val
+    return build_host_config(host.arch, values, raw, where)
+
+
+def build_host_config(arch: str, values: dict[str, Any], raw: dict[str, Any], where: str):
+    """``AutoConfig.for_model(arch, **values)`` after the checks every release importer makes."""
+    from transformers import AutoConfig
+
     if raw.get("rope_scaling"):
         raise CheckpointError(f"{where}: rope_scaling {raw['rope_scaling']} is not supported")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if key not in values:
             raise CheckpointError(f"{where}: the host LM's {key} is missing")
     try:
-        return AutoConfig.for_model(host.arch, **values)
+        return AutoConfig.for_model(arch, **values)
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{where}: not a valid {host.arch} config: {err}") from None
+        raise CheckpointError(f"{where}: not a valid {arch} config: {err}") from None
 
 
 def qwen_v1_config(raw: dict[str, Any], where: str) -> dict[str, Any]:
@@ -227,7 +228,7 @@ def read_weights(src: Path) -> dict[str, torch.Tensor]:
     single, index = src / "pytorch_model.bin", src / "pytorch_model.bin.index.json"
     files = [single] if single.is_file() else []
     if not files and index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no weight_map")
         files = [src / s for s in sorted(set(weight_map.values()))]

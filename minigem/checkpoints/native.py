@@ -111,16 +111,37 @@ def save_model(model, path: str | Path, extra: dict[str, Any] | None = None) -> 
     return path
 
 
-def read_config(path: Path) -> ModelConfig:
-    cfg_file = path / "config.json"
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` (CheckpointError: not valid JSON, or not an object)."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """The config.json object of the model directory ``path`` (native or a release to convert)."""
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such model directory")
-    if not cfg_file.is_file():
+    if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: not a model directory (no config.json)")
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{cfg_file}: not valid JSON: {err}") from None
+    return read_json(path / "config.json")
+
+
+def read_foreign_config(src: Path) -> dict[str, Any]:
+    """``read_config_json`` of a release directory to convert: refuses a minigem checkpoint."""
+    raw = read_config_json(src)
+    if raw.get("format") == FORMAT:
+        raise CheckpointError(f"{src}: already a minigem checkpoint (nothing to convert)")
+    return raw
+
+
+def read_config(path: Path) -> ModelConfig:
+    cfg_file = path / "config.json"
+    meta = read_config_json(path)
     if meta.get("format") != FORMAT:
         hint = ""
         if "mm_vision_tower" in meta:

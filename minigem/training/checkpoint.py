@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -12,6 +13,8 @@ import numpy as np
 import torch
 
 from minigem.checkpoints.native import atomic_dir, write_model
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -58,3 +61,15 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
         return None
     path = root / ptr.read_text().strip()
     return path if (path / "trainer_state.pt").is_file() else None
+
+
+def resume_point(output_dir: str | Path,
+                 logger: logging.Logger = log) -> tuple[Path, dict[str, Any]] | None:
+    """For --resume: the latest checkpoint under ``output_dir`` and its trainer state.
+
+    None, with a warning on ``logger`` (the trainer's), when there is no checkpoint yet."""
+    ckpt = latest_checkpoint(output_dir)
+    if ckpt is None:
+        logger.warning("--resume: no checkpoint in %s; starting from scratch", output_dir)
+        return None
+    return ckpt, torch.load(ckpt / "trainer_state.pt", weights_only=False)

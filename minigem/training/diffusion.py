@@ -24,7 +24,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from minigem.checkpoints.native import atomic_dir
 from minigem.config import RecipeConfig, StageConfig, dump_yaml
-from minigem.training.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from minigem.training.checkpoint import (
+    latest_checkpoint,
+    resume_point,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from minigem.training.data import ResumableBatchSampler
 from minigem.training.loop import make_scheduler, stage_steps
 
@@ -104,18 +110,15 @@ class DiffusionTrainer:
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> Path:
         start_stage, start_step, state = 0, 0, None
-        if resume:
-            ckpt = latest_checkpoint(self.out)
-            if ckpt is None:
-                log.warning("--resume: no checkpoint in %s; starting from scratch", self.out)
-            else:
-                from safetensors.torch import load_file
+        found = resume_point(self.out, log) if resume else None
+        if found is not None:
+            from safetensors.torch import load_file
 
-                state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-                start_stage, start_step = state["stage"], state["step"]
-                self.history = state.get("history", [])
-                self.model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-                log.info("resuming from %s (stage %d, step %d)", ckpt, start_stage, start_step)
+            ckpt, state = found
+            start_stage, start_step = state["stage"], state["step"]
+            self.history = state.get("history", [])
+            self.model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+            log.info("resuming from %s (stage %d, step %d)", ckpt, start_stage, start_step)
         self.budget = stop_after
         for i, stage in enumerate(self.cfg.stages):
             if i < start_stage:

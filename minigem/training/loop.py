@@ -23,7 +23,13 @@ from torch.utils.data import DataLoader
 from minigem.checkpoints.native import load_state, save_model
 from minigem.config import RecipeConfig, StageConfig, dump_yaml
 from minigem.data.collate import SampleEncoder, collate
-from minigem.training.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from minigem.training.checkpoint import (
+    latest_checkpoint,
+    resume_point,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from minigem.training.data import EncodedDataset, ResumableBatchSampler, open_source
 from minigem.training.stages import apply_stage
 
@@ -90,22 +96,19 @@ class Trainer:
         as if interrupted; used by tests and for time-boxed runs.
         """
         start_stage, start_step, state = 0, 0, None
-        if resume:
-            ckpt = latest_checkpoint(self.out)
-            if ckpt is None:
-                log.warning("--resume: no checkpoint in %s; starting from scratch", self.out)
-            else:
-                state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-                start_stage, start_step = state["stage"], state["step"]
-                self.history = state.get("history", [])
-                # The checkpoint holds the structure of the stage it was saved in: mid-stage,
-                # that stage's; at a boundary (step 0), the previous stage's (an `upcycle`
-                # stage then upcycles the loaded dense weights when it starts).
-                self._prepare_structure(start_stage if start_step > 0 else start_stage - 1)
-                from safetensors.torch import load_file
+        found = resume_point(self.out, log) if resume else None
+        if found is not None:
+            ckpt, state = found
+            start_stage, start_step = state["stage"], state["step"]
+            self.history = state.get("history", [])
+            # The checkpoint holds the structure of the stage it was saved in: mid-stage,
+            # that stage's; at a boundary (step 0), the previous stage's (an `upcycle`
+            # stage then upcycles the loaded dense weights when it starts).
+            self._prepare_structure(start_stage if start_step > 0 else start_stage - 1)
+            from safetensors.torch import load_file
 
-                load_state(self.model, load_file(str(ckpt / "model.safetensors")), str(ckpt))
-                log.info("resuming from %s (stage %d, step %d)", ckpt, start_stage, start_step)
+            load_state(self.model, load_file(str(ckpt / "model.safetensors")), str(ckpt))
+            log.info("resuming from %s (stage %d, step %d)", ckpt, start_stage, start_step)
         self.budget = stop_after
         for i, stage in enumerate(self.cfg.stages):
             if i < start_stage:
