@@ -219,7 +219,7 @@ class T2IConfig(StrictModel):
     max_text_tokens: int = Field(24, ge=4)
     train_timesteps: int = Field(1000, gt=0)
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    sampler: Literal["dpm", "ddim"] = "dpm"  # the scheduler saved in the pipeline
+    sampler: Literal["dpm", "ddim"] = "ddim"  # the scheduler saved in the pipeline (dpm: see docs/t2i.md)
     sample_steps: int = Field(25, gt=0)  # for the quality proxy during training
     guidance_scale: float = 4.0
     cond_drop: float = Field(0.1, ge=0, lt=1)  # prompt -> "" (classifier-free guidance)
