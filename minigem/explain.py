@@ -59,8 +59,7 @@ def has_mining(model) -> bool:
 
 def require_mining(model, name: str | None = None) -> None:
     if not has_mining(model):
-        kind = getattr(getattr(getattr(model, "config", None), "connector", None), "type", None)
-        kind = kind or type(getattr(model, "connector", model)).__name__
+        kind = model.config.connector.type
         raise ExplainError(
             f"explain needs a Mini-Gemini model with a patch_mining connector; "
             f"{name or 'this model'} has {kind}"
@@ -80,7 +79,7 @@ class Explanation:
     visual_attention: float  # mean share of the answer's attention that went to visual tokens
     grid: int = 1  # HD grid (1 = no HD)
     global_view: bool = False
-    answer_tokens: int = 0
+    answer_ids: list[int] = field(default_factory=list)  # the generated token ids
     view_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -312,7 +311,7 @@ def explain(model, image: Image.Image, question: str, *, name: str | None = None
         question=question, answer=out.text.strip(), hr_image=hr_view(model, image),
         mining=mining.view(v, n, m, m), relevance=rel.cpu().view(v, n),
         visual_attention=visual_share, grid=proc.grid, global_view=proc.global_view and proc.grid > 1,
-        answer_tokens=a,
+        answer_ids=answer_ids,
     )
 
 

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from minigem.checkpoints.native import (
     atomic_dir,
+    check_destination,
     hf_config_values,
     load_model,
     load_state,
@@ -262,8 +263,7 @@ def import_hf_llava(src: str | Path, dst: str | Path) -> Path:
 
     src, dst = Path(src), Path(dst)
     hf = read_llava_config(src)
-    if dst.resolve() == src.resolve():
-        raise CheckpointError(f"{dst}: the destination is the source directory")
+    check_destination(src, dst)
     weights = read_weights(src)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src)
@@ -397,8 +397,7 @@ def export_hf_llava(src: str | Path, dst: str | Path) -> Path:
     src, dst = Path(src), Path(dst)
     model = load_model(src)
     _check_exportable(model)
-    if dst.resolve() == src.resolve():
-        raise CheckpointError(f"{dst}: the destination is the source directory")
+    check_destination(src, dst)
     weights = {to_hf_key(k): v for k, v in state_dict_for_save(model).items()}
     tok = model.tokenizer
     tok.chat_template = chat_template_source(model)

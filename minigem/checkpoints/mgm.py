@@ -32,6 +32,7 @@ import torch
 
 from minigem.checkpoints import hf_llava, moe_llava
 from minigem.checkpoints.native import (
+    check_destination,
     hf_config_values,
     load_state,
     read_foreign_config,
@@ -205,8 +206,7 @@ def import_mgm(src: str | Path, dst: str | Path, vision_tower: str | Path | None
     src, dst = Path(src), Path(dst)
     where = f"{src}/config.json"
     raw, arch = read_release_config(src)
-    if dst.resolve() == src.resolve():
-        raise CheckpointError(f"{dst}: the destination is the source directory")
+    check_destination(src, dst)
     if template is not None:
         get_template(template)
     hf = host_config(raw, arch, where)

@@ -41,6 +41,7 @@ import torch
 
 from minigem.checkpoints import hf_llava
 from minigem.checkpoints.native import (
+    check_destination,
     hf_config_values,
     load_state,
     read_foreign_config,
@@ -490,8 +491,7 @@ def import_moe_llava(src: str | Path, dst: str | Path, vision_tower: str | Path 
     src, dst = Path(src), Path(dst)
     where = f"{src}/config.json"
     raw, family = read_release_config(src)
-    if dst.resolve() == src.resolve():
-        raise CheckpointError(f"{dst}: the destination is the source directory")
+    check_destination(src, dst)
     if template is not None:
         get_template(template)  # unknown name -> ConfigError listing the valid ones
     hf = host_config(raw, family, where)

@@ -111,6 +111,12 @@ def save_model(model, path: str | Path, extra: dict[str, Any] | None = None) -> 
     return path
 
 
+def check_destination(src: Path, dst: Path) -> None:
+    """A conversion must not write over its own source directory."""
+    if dst.resolve() == src.resolve():
+        raise CheckpointError(f"{dst}: the destination is the source directory")
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """The JSON object in ``path`` (CheckpointError: not valid JSON, or not an object)."""
     try:
