@@ -56,6 +56,9 @@ class ConnectorConfig(StrictModel):
 
     type: Literal["linear", "mlp2x_gelu", "patch_mining"] = "mlp2x_gelu"
     projector: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"  # final projector (patch_mining)
+    # Average-pool the square grid of low-res tokens k x k before the connector (1 = off):
+    # N tokens -> N / k^2, e.g. 36 -> 9 with pool 2 (LLaVA-NeXT-style 2x2 pooling).
+    pool: int = Field(1, ge=1)
 
 
 class LLMConfig(StrictModel):

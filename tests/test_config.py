@@ -280,3 +280,13 @@ def test_connector_registry_unknown():
     assert {"linear", "mlp2x_gelu"} <= set(CONNECTORS.keys())
     with pytest.raises(RegistryError, match=r"^unknown connector 'qformerx'; valid: .*mlp2x_gelu"):
         CONNECTORS.get("qformerx")
+
+
+def test_llm_head_counts_checked_at_build(tiny_tokenizer):
+    """6 query heads over 4 KV heads fails inside HF's first forward; we name it at build time."""
+    from conftest import build_tiny_model
+
+    d = tiny_model_dict()
+    d["llm"]["config"].update(num_attention_heads=4, num_key_value_heads=3, hidden_size=48)
+    with pytest.raises(ConfigError, match="num_attention_heads=4 must be a multiple of num_key_value_heads=3"):
+        build_tiny_model(ModelConfig.model_validate(d), tiny_tokenizer)

@@ -206,11 +206,12 @@ def test_import_transformers5_names(tok, tmp_path):
 # ----------------------------------------------------------------------------- export
 
 
-def native_model(tok, connector: str = "mlp2x_gelu", aspect: str = "pad") -> VisionLanguageModel:
+def native_model(tok, connector: str = "mlp2x_gelu", aspect: str = "pad",
+                 pool: int = 1) -> VisionLanguageModel:
     cfg = ModelConfig.model_validate({
         "vision": {"config": VISION, "select_layer": -2, "image_aspect": aspect,
                    "image_mean": MEAN, "image_std": STD},
-        "connector": {"type": connector},
+        "connector": {"type": connector, "pool": pool},
         "llm": {"arch": "llama", "config": {**TEXT, "tie_word_embeddings": False}},
         "template": "vicuna_v1",
     })
@@ -297,4 +298,11 @@ def test_error_export_linear_connector(tok, tmp_path, capsys):
     save_model(native_model(tok, connector="linear"), tmp_path / "native")
     err = run_cli(["export", "--to", "hf-llava", str(tmp_path / "native"), str(tmp_path / "hf")], capsys)
     assert "connector 'linear' (HF LLaVA has only the mlp2x_gelu projector)" in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_error_export_pooled_connector(tok, tmp_path, capsys):
+    save_model(native_model(tok, pool=2), tmp_path / "native")
+    err = run_cli(["export", "--to", "hf-llava", str(tmp_path / "native"), str(tmp_path / "hf")], capsys)
+    assert "token pooling (connector.pool=2; HF LLaVA has none)" in err
     assert not (tmp_path / "hf").exists()

@@ -97,6 +97,23 @@ def test_mining_keeps_n_tokens(n: int, side_hr: int) -> None:
     assert torch.isfinite(out).all()
 
 
+def test_mining_with_pool_mines_wider_regions() -> None:
+    """pool 2: a 6x6 LR grid becomes 3x3 tokens, each mining a 2x-wider HR block (M 4 -> 8)."""
+    from minigem.connectors.base import pool_grid
+
+    conn = _connector(projector="linear")
+    pooled = _connector(projector="linear")
+    pooled.pool = 2
+    q, hr = torch.randn(2, 36, C), torch.randn(2, C_HR, 24, 24)
+    with torch.no_grad():
+        out = pooled(VisionFeatures(q, hr))
+        ref = conn(VisionFeatures(pool_grid(q, 2), hr))
+        att = pooled.mining_attention(VisionFeatures(q, hr))
+    assert out.shape == (2, 9, D) and pooled.num_tokens(36) == 9
+    torch.testing.assert_close(out, ref)
+    assert att.shape == (2, 9, 8 * 8)
+
+
 def test_mining_state_dict_names_match_release() -> None:
     conn = build_connector(ConnectorConfig(type="patch_mining"), C, D, C_HR)
     prefixes = {k.rsplit(".", 1)[0] for k in conn.state_dict()}

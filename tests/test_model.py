@@ -254,3 +254,33 @@ def test_llm_families(tiny_tokenizer, arch, tmp_path):
     with torch.no_grad():
         again = loaded(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], labels=batch["labels"])
     torch.testing.assert_close(again.logits, out.logits, rtol=0, atol=0)
+
+
+def test_connector_pool_averages_the_token_grid(tiny_tokenizer):
+    """pool 2 on a 4x4 grid (32 px, patch 8): 16 tokens -> 4, each the mean of its 2x2 block."""
+    from minigem.connectors.base import pool_grid
+    from minigem.vision.base import VisionFeatures
+
+    d = tiny_model_dict()
+    d["vision"]["config"]["image_size"] = 32
+    d["connector"]["pool"] = 2
+    m = build_tiny_model(ModelConfig.model_validate(d), tiny_tokenizer)
+    assert m.tokens_per_image == 4
+    x = torch.randn(2, 16, 32)
+    pooled = pool_grid(x, 2)
+    grid = x.reshape(2, 4, 4, 32)
+    assert torch.allclose(pooled[:, 1], grid[:, 0:2, 2:4].mean(dim=(1, 2)), atol=1e-6)  # top right
+    assert torch.allclose(pooled[:, 2], grid[:, 2:4, 0:2].mean(dim=(1, 2)), atol=1e-6)  # bottom left
+    with torch.no_grad():
+        out = m.connector(VisionFeatures(x, None))
+        assert torch.allclose(out, m.connector.projector(pooled), atol=1e-6)
+        assert m.encode_images(m.processor(_images(3))["pixel_values"]).shape == (3, 4, 32)
+
+
+def test_connector_pool_rejects_a_grid_it_cannot_divide(tiny_tokenizer):
+    d = tiny_model_dict()  # 16 px, patch 8: a 2x2 grid
+    d["connector"]["pool"] = 3
+    m = build_tiny_model(ModelConfig.model_validate(d), tiny_tokenizer)
+    with pytest.raises(ValueError, match="pool=3 needs a square grid"):
+        with torch.no_grad():
+            m.encode_images(m.processor(_images(1))["pixel_values"])

@@ -27,7 +27,7 @@ class ProjectorConnector(Connector):
         self.projector = make_projector(kind, vision_dim, llm_dim)
 
     def forward(self, feats: VisionFeatures) -> torch.Tensor:
-        return self.projector(feats.low_res)
+        return self.projector(self.pooled(feats.low_res))
 
 
 @CONNECTORS.register("linear")

@@ -107,6 +107,8 @@ class PatchMiningConnector(Connector):
 
     def _check(self, feats: VisionFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         q_raw, hr = feats.low_res, feats.high_res
+        if q_raw.ndim == 3:
+            q_raw = self.pooled(q_raw)
         if hr is None:
             raise ValueError(
                 "patch_mining needs high-res features (VisionFeatures.high_res); "

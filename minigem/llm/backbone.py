@@ -41,9 +41,28 @@ def _check_keys(hf: PretrainedConfig, values: dict) -> None:
         )
 
 
+def _check_heads(hf: PretrainedConfig) -> None:
+    """Attention shapes HF only rejects deep inside the first forward, named up front."""
+    heads = getattr(hf, "num_attention_heads", None)
+    kv = getattr(hf, "num_key_value_heads", None)
+    width = getattr(hf, "hidden_size", None)
+    if not isinstance(heads, int) or heads <= 0:
+        return
+    if isinstance(kv, int) and (kv <= 0 or heads % kv):
+        raise ConfigError(
+            f"model.llm.config: num_attention_heads={heads} must be a multiple of "
+            f"num_key_value_heads={kv}"
+        )
+    if isinstance(width, int) and getattr(hf, "head_dim", None) is None and width % heads:
+        raise ConfigError(
+            f"model.llm.config: hidden_size={width} must be divisible by num_attention_heads={heads}"
+        )
+
+
 def build_llm(cfg: LLMConfig, vocab_size: int | None = None) -> PreTrainedModel:
     """Build (random init) or load the causal LM; grow the vocabulary to `vocab_size` if needed."""
     hf = llm_hf_config(cfg)
+    _check_heads(hf)
     if cfg.path is not None:
         model = AutoModelForCausalLM.from_pretrained(cfg.path, config=hf, dtype=torch.float32)
     else:
