@@ -5,8 +5,10 @@ a random-weight model of the bundled architecture), then runs closed-loop client
 workers, each sending its next request as soon as the last one is answered. Every request
 carries one image and a question; answers are capped at --max-tokens. The levels run
 round-robin --rounds times (so every level sees the same background load); prints per level
-the median requests/s and tokens/s over rounds, p50/p99 latency over all requests, and the
-batched / sequential throughput ratio.
+the median requests/s and tokens/s over rounds, p50/p99 latency over all requests, the
+server's CPU time per request (user + system, all its threads; Linux only: less sensitive
+to other load on the machine than the wall-clock numbers) and the batched / sequential
+throughput ratio.
 
     python benchmarks/bench_serve.py [--model DIR] [--levels 1,8,32] [--requests 64] [--rounds 3]
 """
@@ -71,6 +73,15 @@ def start_server(model: str | None, port: int, args: argparse.Namespace) -> subp
             time.sleep(0.3)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (nan where /proc is missing)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bodies(max_tokens: int, n: int = 24) -> list[bytes]:
     """Request bodies, encoded once (the client should cost the machine as little as it can)."""
     out = []
@@ -112,7 +123,8 @@ def summary(c: int, runs: list[dict]) -> dict:
     lat = sorted(x for r in runs for x in r["latencies"])
     return {"c": c, "rps": statistics.median(r["rps"] for r in runs),
             "tps": statistics.median(r["tps"] for r in runs), "tokens": runs[0]["tokens"],
-            "p50": statistics.median(lat) * 1e3, "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3}
+            "p50": statistics.median(lat) * 1e3, "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3,
+            "cpu": statistics.median(r["cpu"] for r in runs) * 1e3}
 
 
 def main() -> None:
@@ -139,18 +151,21 @@ def main() -> None:
             runs: dict[int, list[dict]] = {c: [] for c in levels}
             for _ in range(args.rounds):
                 for c in levels:
+                    cpu = cpu_seconds(proc.pid)
                     runs[c].append(asyncio.run(run_level(url, c, args.requests, args.max_tokens)))
+                    runs[c][-1]["cpu"] = (cpu_seconds(proc.pid) - cpu) / args.requests
             rows = [summary(c, runs[c]) for c in levels]
         finally:
             proc.terminate()
             proc.wait(timeout=30)
     print(f"model: {what}; {args.requests} requests per level x {args.rounds} rounds, 1 image + question each, "
           f"max_tokens {args.max_tokens}, max batch {args.max_batch}, cpus {os.cpu_count()}")
-    print(f"{'concurrency':>11} {'req/s':>8} {'tok/s':>8} {'tok/req':>8} {'p50 ms':>8} {'p99 ms':>8} {'x seq':>6}")
+    print(f"{'concurrency':>11} {'req/s':>8} {'tok/s':>8} {'tok/req':>8} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'cpu ms/req':>10} {'x seq':>6}")
     base = rows[0]["rps"]
     for r in rows:
         print(f"{r['c']:>11} {r['rps']:>8.2f} {r['tps']:>8.1f} {r['tokens']:>8.1f} {r['p50']:>8.0f} "
-              f"{r['p99']:>8.0f} {r['rps'] / base:>6.2f}")
+              f"{r['p99']:>8.0f} {r['cpu']:>10.1f} {r['rps'] / base:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from PIL import Image
 
 from minigem.generation.batch import DecodeBatch, Row
 from minigem.generation.decode import Generation, GenerationConfig, generate
-from minigem.serving.engine import Delta, Done, Engine, Failed, Job, QueueFull
+from minigem.serving.engine import Delta, Done, Engine, Event, Failed, Job, QueueFull
 
 QUESTIONS = ["What color is the circle?", "Describe the image.", "How many squares are there? one two"]
 
@@ -170,3 +170,109 @@ def test_timeout_cancel_and_survival(model, prompts):
         assert isinstance(done, Done) and done.completion_tokens == 3
     finally:
         engine.stop()
+
+
+def _job(loop, ids, pix, n: int = 6, stream: bool = False) -> Job:
+    return Job(ids, pix, None, GenerationConfig(max_new_tokens=n, stop=("</s>",)), timeout_s=60,
+               loop=loop, stream=stream)
+
+
+def test_announced_requests_are_prefilled_together_and_match_one_at_a_time(model, prompts):
+    """Requests announced with ``expect`` are gathered into one prefill forward (the first
+    one waits for the others) and give the same greedy answers as one-at-a-time decoding."""
+    ids, pix = prompts
+    gen = GenerationConfig(max_new_tokens=6, stop=("</s>",))
+    ref = [generate(model, [p], pix[i : i + 1], None, gen)[0] for i, p in enumerate(ids)]
+    engine = Engine(model, max_batch=8, gather_ms=60_000).start()
+
+    async def staggered() -> list:
+        loop = asyncio.get_running_loop()
+        for _ in ids:
+            engine.expect()
+        jobs = []
+        for i, p in enumerate(ids):  # arrive one by one, well apart
+            jobs.append(_job(loop, p, pix[i : i + 1]))
+            engine.submit(jobs[-1], expected=True)
+            await asyncio.sleep(0.1)
+        return [await asyncio.wait_for(j.events.get(), 60) for j in jobs]
+
+    try:
+        done = asyncio.run(staggered())
+    finally:
+        engine.stop()
+    assert engine.stats["prefills"] == 1 and engine.stats["prefill_rows"] == len(ids)
+    assert engine.expected == 0
+    for d, r in zip(done, ref, strict=True):
+        assert isinstance(d, Done)
+        assert (d.text, d.completion_tokens, d.prompt_tokens) == (r.text.strip(), len(r.token_ids), r.prompt_tokens)
+
+
+def test_gathering_never_holds_a_lone_request(model, prompts):
+    """Nothing announced: a request starts at once, however long ``gather_ms``; an announced
+    request that is withdrawn (a 4xx, a client gone) stops the wait."""
+    ids, pix = prompts
+    engine = Engine(model, max_batch=8, gather_ms=60_000).start()
+
+    async def lone() -> Event:
+        job = _job(asyncio.get_running_loop(), ids[0], pix[:1])
+        engine.submit(job)
+        return await asyncio.wait_for(job.events.get(), 30)
+
+    async def withdrawn() -> Event:
+        job = _job(asyncio.get_running_loop(), ids[1], pix[1:2])
+        engine.expect()
+        engine.expect()
+        engine.submit(job, expected=True)
+        await asyncio.sleep(0.3)
+        assert job.events.empty()  # held: the other announced request may still come
+        engine.withdraw()
+        return await asyncio.wait_for(job.events.get(), 30)
+
+    try:
+        assert isinstance(asyncio.run(lone()), Done)
+        assert isinstance(asyncio.run(withdrawn()), Done)
+    finally:
+        engine.stop()
+    assert engine.expected == 0 and engine.stats["prefills"] == 2
+
+
+def test_events_of_a_step_reach_the_loop_in_one_wakeup(model, prompts):
+    """Rows that finish (or stream a token) in the same step are handed to the loop together:
+    one ``call_soon_threadsafe`` per step, not one per event."""
+    ids, pix = prompts
+    engine = Engine(model, max_batch=8, gather_ms=60_000).start()
+    calls = []
+
+    async def cohort(stream: bool) -> list[list]:
+        loop = asyncio.get_running_loop()
+        wake = loop.call_soon_threadsafe
+
+        def counted(*args):
+            calls.append(args)
+            return wake(*args)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        jobs = [_job(loop, ids[1], pix[1:2], n=4, stream=stream) for _ in range(4)]
+        for _ in jobs:
+            engine.expect()
+        for j in jobs:
+            engine.submit(j, expected=True)
+        out = []
+        for j in jobs:
+            events = [await asyncio.wait_for(j.events.get(), 60)]
+            while isinstance(events[-1], Delta):
+                events.append(await asyncio.wait_for(j.events.get(), 60))
+            out.append(events)
+        return out
+
+    try:
+        plain = asyncio.run(cohort(stream=False))
+        assert len(calls) == 1  # 4 x Done from the same step
+        calls.clear()
+        streamed = asyncio.run(cohort(stream=True))
+    finally:
+        engine.stop()
+    assert [[type(e) for e in evs] for evs in plain] == [[Done]] * 4
+    assert all(evs[-1] == plain[0][0] for evs in streamed)
+    deltas = sum(len(evs) - 1 for evs in streamed)
+    assert len(calls) <= 4 < deltas + 4  # one wake-up per step (4 tokens), not one per event

@@ -143,3 +143,51 @@ def test_request_timeout_answers_408(model):
                                            messages=[{"role": "user", "content": "Describe the image."}])
         assert info.value.status_code == 408 and info.value.body["code"] == "timeout"
         assert httpx.get(srv.url + "/health").json()["status"] == "ok"
+
+
+def test_burst_is_prepared_off_the_loop_and_prefilled_in_one_forward(model, monkeypatch):
+    """Requests that arrive together are prepared (images decoded, prompt tokenized) in worker
+    threads, not on the event loop; the engine waits for the announced ones and prefills them
+    in one forward, with the same greedy answers as one at a time. Failed requests leave no
+    announcement behind."""
+    import threading
+
+    from minigem.serving import completions
+
+    n = 4
+    arrived = threading.Barrier(n, timeout=30)  # all n are being prepared at the same time
+    threads: list[threading.Thread] = []
+    prepare = completions.prepare
+
+    def held(*args):
+        threads.append(threading.current_thread())
+        if arrived is not None:
+            arrived.wait()
+        return prepare(*args)
+
+    monkeypatch.setattr(completions, "prepare", held)
+    bodies = [{"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png_data_url((60 * k, 90, 200), (16 + 8 * k, 24))}},
+        {"type": "text", "text": "Describe the image." if k % 2 else "What color is the circle?"}]}],
+        "max_tokens": 6, "temperature": 0} for k in range(n)]
+
+    async def burst(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=b) for b in bodies))
+
+    with serve(model, max_batch=8, gather_ms=60_000) as srv:
+        engine = srv.app.state.engine
+        together = asyncio.run(burst(srv.url))
+        assert engine.stats["prefills"] == 1 and engine.stats["prefill_rows"] == n
+        arrived = None
+        alone = [httpx.post(srv.url + "/v1/chat/completions", json=b, timeout=120) for b in bodies]
+        assert engine.stats["prefills"] == 1 + n
+        bad = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]})
+        assert bad.status_code == 400 and engine.expected == 0
+    assert srv.thread not in threads and len(threads) == 2 * n + 1
+    answers = [r.json()["choices"][0]["message"]["content"] for r in together]
+    assert [r.status_code for r in together] == [200] * n
+    assert answers == [r.json()["choices"][0]["message"]["content"] for r in alone]
+    assert [r.json()["usage"] for r in together] == [r.json()["usage"] for r in alone]

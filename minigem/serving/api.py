@@ -80,7 +80,7 @@ def create_app(model, settings: ServeSettings | None = None,
                image_generator: ImageGenerator | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     engine = Engine(model, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                    max_wait_steps=settings.max_wait_steps)
+                    max_wait_steps=settings.max_wait_steps, gather_ms=settings.gather_ms)
     created = int(time.time())
 
     @asynccontextmanager

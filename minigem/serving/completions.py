@@ -39,12 +39,17 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
         raise unavailable("modalities")
     if engine.queued >= engine.max_queue:
         raise _busy429(engine, settings)
-    prepared: Prepared = await run_in_threadpool(prepare, model, settings, body)
+    engine.expect()  # an idle engine may wait for this one to prefill it with others
+    try:
+        prepared: Prepared = await run_in_threadpool(prepare, model, settings, body)
+    except BaseException:  # a 4xx, or the client went away
+        engine.withdraw()
+        raise
     job = Job(prepared.prompt_ids, prepared.pixel_values, prepared.pixel_values_aux, prepared.gen,
               timeout_s=settings.timeout_s, loop=asyncio.get_running_loop(), stream=body.stream,
               created=arrived)
     try:
-        engine.submit(job)
+        engine.submit(job, expected=True)
     except QueueFull:
         raise _busy429(engine, settings) from None
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),

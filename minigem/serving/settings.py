@@ -42,6 +42,7 @@ class ServeSettings(BaseModel):
     max_batch: int = Field(8, ge=1)  # rows decoded together
     max_queue: int = Field(64, ge=1)  # requests waiting for a batch slot; more -> 429
     max_wait_steps: int = Field(8, ge=0)  # decode steps newcomers may wait to be prefilled together
+    gather_ms: float = Field(10.0, ge=0)  # an idle engine waits this long for announced requests
     timeout_s: float = Field(120.0, gt=0)  # per request, from arrival to the last token
     retry_after_s: int = Field(1, ge=1)
     # request limits
