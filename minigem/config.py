@@ -180,6 +180,9 @@ class StageConfig(StrictModel):
     eval_data: DataConfig | None = None
     lr: float = Field(2e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)  # AdamW betas and eps (HF TrainingArguments names)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     batch_size: int = Field(8, gt=0)

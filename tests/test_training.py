@@ -229,6 +229,21 @@ def test_sampler_needs_one_batch():
     assert str(err.value) == "dataset has 3 samples, fewer than one batch of 4"
 
 
+def test_optimizer_takes_the_stage_betas_and_eps():
+    from minigem.config import StageConfig
+    from minigem.training.loop import make_optimizer
+
+    base = {"name": "s", "train": ["connector"], "data": {"synth": {"n": 1}}, "steps": 10}
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    group = make_optimizer(p, StageConfig(**base)).param_groups[0]
+    assert group["betas"] == (0.9, 0.999) and group["eps"] == 1e-8
+    st = StageConfig(**base, lr=3e-4, weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6)
+    group = make_optimizer(p, st).param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["betas"], group["eps"]) == (3e-4, 0.1, (0.8, 0.95), 1e-6)
+    with pytest.raises(ValueError, match="adam_beta2"):
+        StageConfig(**base, adam_beta2=1.0)
+
+
 def test_steps_from_epochs_and_schedules():
     from minigem.config import StageConfig
     from minigem.training.loop import make_scheduler, stage_steps

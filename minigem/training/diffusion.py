@@ -32,7 +32,7 @@ from minigem.training.checkpoint import (
     set_rng_state,
 )
 from minigem.training.data import ResumableBatchSampler
-from minigem.training.loop import make_scheduler, stage_steps
+from minigem.training.loop import make_optimizer, make_scheduler, stage_steps
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class DiffusionTrainer:
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+        opt = make_optimizer(params, stage)
         sched = make_scheduler(opt, stage, total)
         if state is not None and state.get("optimizer") is not None:
             opt.load_state_dict(state["optimizer"])

@@ -43,6 +43,12 @@ def stage_steps(stage: StageConfig, n_samples: int, world: int) -> int:
     return max(1, math.floor(stage.epochs * n_samples / per_step))
 
 
+def make_optimizer(params, stage: StageConfig) -> torch.optim.AdamW:
+    """AdamW with the stage's lr, weight decay, betas and eps."""
+    return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay,
+                             betas=(stage.adam_beta1, stage.adam_beta2), eps=stage.adam_epsilon)
+
+
 def make_scheduler(opt, stage: StageConfig, total: int):
     warm = int(round(stage.warmup_ratio * total))
 
@@ -166,7 +172,7 @@ class Trainer:
                                      image_feature_dim(model, stage.train),
                                      model.tokenizer.pad_token_id or 0)
             params += list(heads.parameters())
-        opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+        opt = make_optimizer(params, stage)
         sched = make_scheduler(opt, stage, total)
         if state is not None:
             if state.get("optimizer") is not None:
