@@ -210,6 +210,23 @@ def test_sample_and_source() -> None:
     assert make_sample(3, 10).messages != s.messages or make_sample(4, 9).messages != s.messages
 
 
+def test_scene_as_text_puts_the_caption_where_the_image_was() -> None:
+    from minigem.config import DataConfig
+    from minigem.training.data import open_source
+
+    for i in range(40):
+        img = make_sample(i, 5)
+        txt = make_sample(i, 5, scene_as_text=True)
+        scene, _, _ = synth.make_conversation(i, 5)
+        assert txt.images == [] and txt.category == img.category and txt.id == img.id
+        assert len(txt.messages) == len(img.messages)
+        for a, b in zip(img.messages, txt.messages, strict=True):
+            assert b.role == a.role and "<image>" not in b.content
+            assert b.content == a.content.replace("<image>", synth.caption(scene))
+    src = open_source(DataConfig.model_validate({"synth": {"n": 8, "seed": 5, "scene_as_text": True}}))
+    assert src[2].messages == make_sample(2, 5, scene_as_text=True).messages and src[2].images == []
+
+
 def _files(root) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 

@@ -446,10 +446,16 @@ def _generation(rng: random.Random) -> tuple[Scene, list[Message]]:
 
 def make_sample(
     index: int, seed: int, image_size: int = 128, tasks: list[str] | None = None,
-    mix: dict[str, float] | None = None, max_turns: int = 4,
+    mix: dict[str, float] | None = None, max_turns: int = 4, scene_as_text: bool = False,
 ) -> Sample:
-    """Record `index` of the world with this seed: one image, deterministic in (seed, index)."""
+    """Record `index` of the world with this seed: one image, deterministic in (seed, index).
+
+    scene_as_text: the same record with the scene's caption in place of the image (no pixels).
+    """
     scene, category, messages = make_conversation(index, seed, tasks, mix, max_turns)
+    if scene_as_text:
+        text = caption(scene)
+        messages = [Message(m.role, m.content.replace("<image>", text)) for m in messages]
     has_image = any("<image>" in m.content for m in messages)
     return Sample(
         id=f"synth-{seed}-{index:07d}", messages=messages,
@@ -462,7 +468,9 @@ class SynthSource:
     """An on-the-fly dataset of `n` synthetic Samples (index i -> make_sample(i, seed, ...))."""
 
     def __init__(self, n: int, seed: int, image_size: int = 128, tasks: list[str] | None = None,
-                 mix: dict[str, float] | None = None, max_turns: int = 4):
+                 mix: dict[str, float] | None = None, max_turns: int = 4,
+                 scene_as_text: bool = False):
+        self.scene_as_text = scene_as_text
         if max_turns < 2:
             raise DataError(f"max_turns must be >= 2, got {max_turns}")
         if mix is not None and (not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0):
@@ -483,7 +491,7 @@ class SynthSource:
         if not -self.n <= i < self.n:
             raise IndexError(f"index {i} out of range for SynthSource of size {self.n}")
         return make_sample(i % self.n, self.seed, self.image_size, self._tasks, self.mix,
-                           self.max_turns)
+                           self.max_turns, self.scene_as_text)
 
 
 # ---------------------------------------------------------------- files

@@ -17,7 +17,7 @@ def open_source(cfg: DataConfig, image_token: str = "<image>"):
         from minigem.data.synth import SynthSource
 
         s = cfg.synth
-        return SynthSource(s.n, s.seed, s.image_size, s.tasks, s.mix, s.max_turns)
+        return SynthSource(s.n, s.seed, s.image_size, s.tasks, s.mix, s.max_turns, s.scene_as_text)
     from minigem.data.llava_json import LlavaJsonDataset
 
     return LlavaJsonDataset(cfg.path, cfg.image_folder, cfg.skip_bad, image_token)
