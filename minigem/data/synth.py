@@ -470,12 +470,11 @@ class SynthSource:
     def __init__(self, n: int, seed: int, image_size: int = 128, tasks: list[str] | None = None,
                  mix: dict[str, float] | None = None, max_turns: int = 4,
                  scene_as_text: bool = False):
-        self.scene_as_text = scene_as_text
         if max_turns < 2:
             raise DataError(f"max_turns must be >= 2, got {max_turns}")
         if mix is not None and (not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0):
             raise DataError(f"synthetic mix must have non-negative weights with a positive sum, got {mix}")
-        self.mix, self.max_turns = mix, max_turns
+        self.mix, self.max_turns, self.scene_as_text = mix, max_turns, scene_as_text
         if n < 0:
             raise DataError(f"synthetic dataset size must be >= 0, got {n}")
         if image_size < MIN_IMAGE_SIZE:

@@ -12,9 +12,9 @@ request starts at once.
 Each job streams its events into its own asyncio queue on the server's loop: ``Delta(text)``
 pieces that can no longer change, then one ``Done`` or ``Failed``. The worker hands over
 all events of a step at once, with one ``loop.call_soon_threadsafe`` per loop (each call
-wakes the loop, which then takes the GIL from the worker: one call per event took ~8% of
-the worker's time with 5-token answers at concurrency 8). A job whose client went away (``cancel()``) or whose deadline passed
-is dropped at its next token (or before it starts).
+wakes the loop, which then competes with the worker for the GIL). A job whose client went
+away (``cancel()``) or whose deadline passed is dropped at its next token (or before it
+starts).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Job:
     stream: bool = True  # False: no Delta events, only Done / Failed
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     created: float = field(default_factory=time.monotonic)
-    queued: float = 0.0  # when it was submitted (monotonic)
+    submitted_at: float = 0.0  # time.monotonic() when the engine accepted it
     _cancelled: threading.Event = field(default_factory=threading.Event)
     _sent: str = ""  # text already sent as deltas
     # the engine's list of (job, event) not yet handed to the loop (None: hand over at once)
@@ -196,7 +196,7 @@ class Engine:
             if len(self._pending) >= self.max_queue:
                 self.stats["rejected"] += 1
                 raise QueueFull
-            job.queued, job.outbox = time.monotonic(), self._outbox
+            job.submitted_at, job.outbox = time.monotonic(), self._outbox
             self._pending.append(job)
 
     # ------------------------------------------------------------------ worker
@@ -254,7 +254,7 @@ class Engine:
         the waiting ones (0: go now). Called with the lock held."""
         if len(batch) or not self._expected or len(self._pending) >= self.max_batch:
             return 0.0
-        return self._pending[0].queued + self.gather_s - time.monotonic()
+        return self._pending[0].submitted_at + self.gather_s - time.monotonic()
 
     def _admit(self, batch: DecodeBatch) -> list[Job]:
         """Jobs that join now (called with the lock held).
