@@ -52,7 +52,7 @@ class Spec:
 
 
 SPECS = {
-    "tiny": Spec("tiny", (4, 128, 512, 48, 16), (4, 192, 512, 0), -1),  # the bundled tiny-shapes model
+    "tiny": Spec("tiny", (4, 128, 512, 48, 16), (4, 192, 512, 0), -1),  # the bundled model's sizes; patch 16 gives its 9 tokens (it: patch 8 + pool 2, which HF cannot load)
     "small": Spec("small", (12, 384, 1536, 224, 16), (12, 768, 2048, 32000), -2),
 }
 BATCH, NEW_TOKENS = 8, 32
