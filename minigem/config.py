@@ -230,7 +230,7 @@ class T2IConfig(StrictModel):
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     sampler: Literal["dpm", "ddim"] = "ddim"  # the scheduler saved in the pipeline (dpm: see docs/t2i.md)
     sample_steps: int = Field(25, gt=0)  # for the quality proxy during training
-    guidance_scale: float = 4.0
+    guidance_scale: float = Field(4.0, ge=0)  # the proxy's, and saved as the pipeline's default
     cond_drop: float = Field(0.1, ge=0, lt=1)  # prompt -> "" (classifier-free guidance)
     proxy_prompts: int = Field(24, ge=0)  # colour-match proxy at each eval_every (0 = off)
 

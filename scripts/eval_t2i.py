@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vlm", default=None, help="minigem model directory (default: the bundled one)")
     p.add_argument("--n", type=int, default=50)
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance-scale", type=float, default=4.0)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance (default: the pipeline's saved default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-images", default=None, help="write the drawings to this folder")
     p.add_argument("--items", action="store_true", help="include every prompt's result")

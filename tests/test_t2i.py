@@ -103,6 +103,27 @@ def test_pipeline_round_trip_and_call(tmp_path):
     assert len(no_cfg) == 1
 
 
+def test_default_guidance_is_saved_and_used(tmp_path):
+    torch.manual_seed(0)
+    unet, sched, text, tok, _ = build_components(
+        16, {"block_out_channels": [16, 16], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "addition_embed_type": "text",
+             "addition_embed_type_num_heads": 4},
+        {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}, prediction_type="v_prediction")
+    TinyT2IPipeline(unet=unet, scheduler=sched, text_encoder=text, tokenizer=tok,
+                    default_guidance_scale=1.5).save_pretrained(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "model_index.json").read_text())["default_guidance_scale"] == 1.5
+    pipe = TinyT2IPipeline.from_pretrained(tmp_path / "p")
+    assert pipe.config.default_guidance_scale == 1.5 and pipe.scheduler.config.prediction_type == "v_prediction"
+
+    def draw(**kw):
+        return pipe(prompt="a red circle", num_inference_steps=2, output_type="pt",
+                    generator=torch.Generator().manual_seed(3), **kw).images
+
+    assert torch.equal(draw(), draw(guidance_scale=1.5))  # no guidance named: the saved one
+    assert not torch.allclose(draw(), draw(guidance_scale=4.0))
+
+
 def test_bundled_size_under_10mb(tmp_path):
     recipe = load_recipe(RECIPE)
     t = recipe.t2i

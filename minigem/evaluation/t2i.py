@@ -33,7 +33,7 @@ def held_out_prompts(n: int = 50) -> list[tuple[str, str, str]]:
     return out
 
 
-def evaluate_t2i(pipeline, vlm=None, n: int = 50, steps: int = 25, guidance_scale: float = 4.0,
+def evaluate_t2i(pipeline, vlm=None, n: int = 50, steps: int = 25, guidance_scale: float | None = None,
                  seed: int = 0, batch_size: int = 10, vlm_size: int = 128,
                  save_dir: str | Path | None = None) -> dict:
     """{"color_match", "shape_match", "n", "items": [...]} for `pipeline` (a TinyT2IPipeline or
@@ -45,6 +45,8 @@ def evaluate_t2i(pipeline, vlm=None, n: int = 50, steps: int = 25, guidance_scal
         pipeline = TinyT2IPipeline.from_pretrained(str(pipeline))
     if vlm is None or isinstance(vlm, str | Path):
         vlm = minigem.load(vlm)
+    if guidance_scale is None:
+        guidance_scale = pipeline.config.default_guidance_scale
     items = held_out_prompts(n)
     g = torch.Generator().manual_seed(seed)
     images: list[Image.Image] = []

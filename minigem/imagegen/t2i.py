@@ -169,9 +169,12 @@ class TinyT2IPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->unet"
 
-    def __init__(self, unet, scheduler, text_encoder, tokenizer) -> None:
+    def __init__(self, unet, scheduler, text_encoder, tokenizer, default_guidance_scale: float = 4.0) -> None:
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
+        # saved in model_index.json: the guidance a call uses when it names none (what suits
+        # one trained model is a property of that model, e.g. 1.5 for the bundled one)
+        self.register_to_config(default_guidance_scale=float(default_guidance_scale))
 
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """[B, T, D] text states (padded to the tokenizer's max length)."""
@@ -182,7 +185,7 @@ class TinyT2IPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] = "", num_inference_steps: int = 25,
-                 guidance_scale: float = 4.0, generator: torch.Generator | None = None,
+                 guidance_scale: float | None = None, generator: torch.Generator | None = None,
                  height: int | None = None, width: int | None = None,
                  negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
                  output_type: str = "pil", return_dict: bool = True, **_: object):
@@ -199,6 +202,8 @@ class TinyT2IPipeline(DiffusionPipeline):
                 negs = negs * len(prompts)
         dev, dtype = self.unet.device, self.unet.dtype
         cond = self.encode_prompt(prompts)
+        if guidance_scale is None:
+            guidance_scale = self.config.default_guidance_scale
         cfg = guidance_scale > 1.0
         if cfg:
             cond = torch.cat([self.encode_prompt(negs), cond])

@@ -96,7 +96,8 @@ class DiffusionTrainer:
         unet, sched, text, tok, self.noise = build_components(
             t.resolution, t.unet, t.text_encoder, t.vocab_size, t.max_text_tokens, t.train_timesteps,
             t.prediction_type, t.sampler)
-        self.pipe = TinyT2IPipeline(unet=unet, scheduler=sched, text_encoder=text, tokenizer=tok)
+        self.pipe = TinyT2IPipeline(unet=unet, scheduler=sched, text_encoder=text, tokenizer=tok,
+                                    default_guidance_scale=self.t2i.guidance_scale)
         self.model = _Model(unet, text)
         self.out = Path(self.cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
