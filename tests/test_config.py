@@ -40,9 +40,10 @@ def _recipe(**training) -> dict:
 
 def test_bundled_recipe_loads():
     r = load_recipe(TINY_SHAPES)
-    assert [s.name for s in r.training.stages] == ["contrastive", "align", "instruct"]
+    assert [s.name for s in r.training.stages] == ["contrastive", "instruct"]
     assert r.training.stages[0].kind == "contrastive"
-    assert r.training.stages[1].data.template == "plain"
+    assert r.training.stages[1].adam_beta2 == 0.95 and r.model.connector.pool == 2
+    assert r.model.llm.config["initializer_range"] == 0.07
     assert r.model.llm.arch == "llama" and r.model.llm.config["hidden_size"] == 192
     assert r.model.tokenizer_train.vocab_size == 512
 
@@ -59,17 +60,18 @@ def test_overrides_by_index_by_name_and_nested():
         "training.stages.0.batch_size=3",
         "model.llm.config.num_hidden_layers=2",
         "training.seed=7",
-        "training.stages.align.data.synth.seed=11",
+        "training.stages.contrastive.data.synth.seed=11",
     ])
-    assert r.training.stages[2].lr == pytest.approx(1e-4)
+    assert r.training.stages[1].lr == pytest.approx(1e-4)
     assert r.training.stages[0].batch_size == 3
     assert r.model.llm.config["num_hidden_layers"] == 2
     assert r.model.llm.config["hidden_size"] == 192  # siblings untouched
     assert r.training.seed == 7
-    assert r.training.stages[1].data.synth.seed == 11
-    # the other stages keep their values
-    assert r.training.stages[1].lr == pytest.approx(1e-3)
+    assert r.training.stages[0].data.synth.seed == 11
+    # the rest keeps its values
+    assert r.training.stages[0].lr == pytest.approx(1e-3)
     assert r.training.stages[1].batch_size == 32
+    assert r.training.stages[1].data.synth.seed == 3
 
 
 def test_override_creates_missing_sections():
@@ -91,8 +93,8 @@ def test_override_values_are_yaml_typed():
 @pytest.mark.parametrize("override, message", [
     ("training.stages.nope.lr=1",
      "override training.stages.nope: no list element named 'nope'; "
-     "names: ['contrastive', 'align', 'instruct']"),
-    ("training.stages.5.lr=1", "override training.stages.5: index 5 out of range (len 3)"),
+     "names: ['contrastive', 'instruct']"),
+    ("training.stages.5.lr=1", "override training.stages.5: index 5 out of range (len 2)"),
     ("noequals", "override 'noequals': expected KEY=VALUE (e.g. training.seed=1)"),
     ("training.seed.x=1", "override training.seed.x: training.seed is not a mapping"),
 ])
@@ -122,7 +124,7 @@ def test_wrong_type_names_path():
         load_recipe(TINY_SHAPES, ["training.stages.instruct.lr=fast"])
     assert str(err.value) == (
         f"{TINY_SHAPES}: invalid config\n"
-        "  training.stages.2.lr: Input should be a valid number, unable to parse string as a number"
+        "  training.stages.1.lr: Input should be a valid number, unable to parse string as a number"
     )
 
 
@@ -139,7 +141,7 @@ def test_steps_and_epochs_are_exclusive():
         load_recipe(TINY_SHAPES, ["training.stages.instruct.epochs=1"])
     assert str(err.value) == (
         f"{TINY_SHAPES}: invalid config\n"
-        "  training.stages.2: Value error, set exactly one of `steps` or `epochs`"
+        "  training.stages.1: Value error, set exactly one of `steps` or `epochs`"
     )
     with pytest.raises(ConfigError, match="set exactly one of `steps` or `epochs`"):
         validate(StageConfig, {k: v for k, v in _stage().items() if k != "steps"})
