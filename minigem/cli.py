@@ -60,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--predictions", default=None, metavar="FILE",
+                   help="also write every record's prediction, reference and score as JSONL")
 
     p = sub.add_parser("data", help="data tools")
     dsub = p.add_subparsers(dest="data_cmd", required=True)

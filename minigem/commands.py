@@ -163,7 +163,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load(args.model)
     source = LlavaJsonDataset(args.data, args.image_folder, image_token=model.config.image_token)
     report = evaluate(model, source, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      limit=args.limit)
+                      limit=args.limit, keep_examples=len(source) if args.predictions else 0)
+    if args.predictions:
+        from minigem.fileio import atomic_write
+
+        lines = "".join(json.dumps(e) + "\n" for e in report.examples)
+        atomic_write(Path(args.predictions), lines.encode())
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

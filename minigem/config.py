@@ -59,6 +59,14 @@ class ConnectorConfig(StrictModel):
     # Average-pool the square grid of low-res tokens k x k before the connector (1 = off):
     # N tokens -> N / k^2, e.g. 36 -> 9 with pool 2 (LLaVA-NeXT-style 2x2 pooling).
     pool: int = Field(1, ge=1)
+    # How the k x k block becomes one token: `avg` (mean of the k^2 features) or `concat`
+    # (space-to-depth: the k^2 features side by side, k^2 x C channels into the connector;
+    # keeps the detail inside the block, e.g. an object's outline).
+    pool_mode: Literal["avg", "concat"] = "avg"
+    # A learned embedding per visual token (position in the view's grid), added to the
+    # (pooled) low-res features before the connector, initialised N(0, 1): makes "where"
+    # readable from each token's own value even when the tower's features carry it weakly.
+    pos_embed: bool = False
 
 
 class LLMConfig(StrictModel):

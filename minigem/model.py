@@ -93,7 +93,8 @@ class VisionLanguageModel(nn.Module):
             from minigem.llm.moe import apply_moe
 
             apply_moe(lm, config.moe)
-        connector = build_connector(config.connector, tower.hidden_size, lm.config.hidden_size, aux_dim)
+        connector = build_connector(config.connector, tower.hidden_size, lm.config.hidden_size, aux_dim,
+                                    num_low_res=tower.num_patches)
         return cls(config, tokenizer, tower, connector, lm, aux)
 
     # ------------------------------------------------------------------ shapes

@@ -219,6 +219,27 @@ def test_eval_text_and_limit(tiny_saved_model, tiny_data, capsys):
     assert f" on {n_short} short-answer records" in head
 
 
+def test_eval_predictions_file(tiny_saved_model, tiny_data, tmp_path, capsys):
+    """--predictions writes one JSON line per record: id, category, prediction, reference and
+    its score; the scores add up to the report's numbers."""
+    preds = tmp_path / "preds.jsonl"
+    code, out, err = _run(capsys, "eval", "--model", str(tiny_saved_model), "--data", str(tiny_data),
+                          "--json", "--max-new-tokens", "3", "--predictions", str(preds))
+    assert code == 0, err
+    report = json.loads(out)
+    records = json.loads(tiny_data.read_text())
+    lines = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [x["id"] for x in lines] == [r["id"] for r in records]
+    assert [x["reference"] for x in lines] == [r["conversations"][-1]["value"] for r in records]
+    for cat, r in report["per_category"].items():
+        mine = [x["correct"] for x in lines if x["category"] == cat]
+        assert len(mine) == r["n"] and sum(mine) / len(mine) == pytest.approx(r["accuracy"])
+    for cat, r in report["long_form"].items():
+        mine = [x["f1"] for x in lines if x["category"] == cat]
+        assert sum(mine) / len(mine) == pytest.approx(r["f1"])
+    assert not list(tmp_path.glob(".preds.jsonl.*"))  # written atomically, no temp file left
+
+
 def test_eval_errors(tiny_saved_model, tmp_path, capsys):
     missing = tmp_path / "nope.json"
     code, _, err = _run(capsys, "eval", "--model", str(tiny_saved_model), "--data", str(missing))

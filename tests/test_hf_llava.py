@@ -207,11 +207,11 @@ def test_import_transformers5_names(tok, tmp_path):
 
 
 def native_model(tok, connector: str = "mlp2x_gelu", aspect: str = "pad",
-                 pool: int = 1) -> VisionLanguageModel:
+                 pool: int = 1, pos_embed: bool = False) -> VisionLanguageModel:
     cfg = ModelConfig.model_validate({
         "vision": {"config": VISION, "select_layer": -2, "image_aspect": aspect,
                    "image_mean": MEAN, "image_std": STD},
-        "connector": {"type": connector, "pool": pool},
+        "connector": {"type": connector, "pool": pool, "pos_embed": pos_embed},
         "llm": {"arch": "llama", "config": {**TEXT, "tie_word_embeddings": False}},
         "template": "vicuna_v1",
     })
@@ -305,4 +305,11 @@ def test_error_export_pooled_connector(tok, tmp_path, capsys):
     save_model(native_model(tok, pool=2), tmp_path / "native")
     err = run_cli(["export", "--to", "hf-llava", str(tmp_path / "native"), str(tmp_path / "hf")], capsys)
     assert "token pooling (connector.pool=2; HF LLaVA has none)" in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_error_export_position_embedding(tok, tmp_path, capsys):
+    save_model(native_model(tok, pos_embed=True), tmp_path / "native")
+    err = run_cli(["export", "--to", "hf-llava", str(tmp_path / "native"), str(tmp_path / "hf")], capsys)
+    assert "a visual position embedding (connector.pos_embed; HF LLaVA has none)" in err
     assert not (tmp_path / "hf").exists()

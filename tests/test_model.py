@@ -277,6 +277,66 @@ def test_connector_pool_averages_the_token_grid(tiny_tokenizer):
         assert m.encode_images(m.processor(_images(3))["pixel_values"]).shape == (3, 4, 32)
 
 
+def test_connector_pool_concat_is_space_to_depth(tiny_tokenizer):
+    """pool_mode concat: each 2x2 block's four features side by side (row-major), so the
+    projector sees 4C channels and no detail inside the block is averaged away."""
+    from minigem.connectors.base import pool_grid
+    from minigem.vision.base import VisionFeatures
+
+    x = torch.randn(2, 16, 8)
+    grid = x.reshape(2, 4, 4, 8)
+    cat = pool_grid(x, 2, "concat")
+    assert cat.shape == (2, 4, 32)
+    # token 1 = top-right block: patches (0,2), (0,3), (1,2), (1,3)
+    want = torch.cat([grid[:, 0, 2], grid[:, 0, 3], grid[:, 1, 2], grid[:, 1, 3]], dim=-1)
+    torch.testing.assert_close(cat[:, 1], want, rtol=0, atol=0)
+    # the mean of the four slices is the avg pool
+    torch.testing.assert_close(cat.reshape(2, 4, 4, 8).mean(2), pool_grid(x, 2), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown pool mode 'max'"):
+        pool_grid(x, 2, "max")
+
+    d = tiny_model_dict()
+    d["vision"]["config"]["image_size"] = 32
+    d["connector"].update(pool=2, pool_mode="concat")
+    m = build_tiny_model(ModelConfig.model_validate(d), tiny_tokenizer)
+    vision_dim = m.vision_tower.hidden_size
+    assert m.connector.projector[0].in_features == 4 * vision_dim and m.tokens_per_image == 4
+    with torch.no_grad():
+        feats = torch.randn(3, 16, vision_dim)
+        out = m.connector(VisionFeatures(feats, None))
+        torch.testing.assert_close(out, m.connector.projector(pool_grid(feats, 2, "concat")))
+
+
+def test_connector_pos_embed_adds_a_learned_vector_per_token(tiny_tokenizer, tmp_path):
+    """pos_embed: a trainable [T, C_in] parameter added to every view's (pooled) tokens; it
+    is saved with the checkpoint, and a grid of another size is a clear error."""
+    from minigem.checkpoints.native import load_model, save_model
+    from minigem.vision.base import VisionFeatures
+
+    d = tiny_model_dict()
+    d["vision"]["config"]["image_size"] = 32
+    d["connector"].update(pool=2, pool_mode="concat", pos_embed=True)
+    torch.manual_seed(0)
+    m = build_tiny_model(ModelConfig.model_validate(d), tiny_tokenizer)
+    vision_dim = m.vision_tower.hidden_size
+    pe = m.connector.pos_embed
+    assert pe.shape == (4, 4 * vision_dim) and pe.requires_grad
+    assert "connector.pos_embed" in dict(m.named_parameters())
+    feats = torch.randn(3, 16, vision_dim)
+    with torch.no_grad():
+        out = m.connector(VisionFeatures(feats, None))
+        from minigem.connectors.base import pool_grid
+
+        torch.testing.assert_close(out, m.connector.projector(pool_grid(feats, 2, "concat") + pe))
+        # the same features at another token sees another embedding: position is in the value
+        assert not torch.allclose(out[:, 0], m.connector.projector(pool_grid(feats, 2, "concat") + pe[1])[:, 0])
+    loaded = load_model(save_model(m, tmp_path / "m"))
+    torch.testing.assert_close(loaded.connector.pos_embed, pe, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"pos_embed is \(4, \d+\) .* are \(9, \d+\)"):
+        with torch.no_grad():
+            m.connector(VisionFeatures(torch.randn(1, 36, vision_dim), None))
+
+
 def test_connector_pool_rejects_a_grid_it_cannot_divide(tiny_tokenizer):
     d = tiny_model_dict()  # 16 px, patch 8: a 2x2 grid
     d["connector"]["pool"] = 3

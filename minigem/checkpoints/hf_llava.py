@@ -309,6 +309,8 @@ def _check_exportable(model) -> None:
         problems.append(f"connector {cfg.connector.type!r} (HF LLaVA has only the mlp2x_gelu projector)")
     if cfg.connector.pool != 1:
         problems.append(f"token pooling (connector.pool={cfg.connector.pool}; HF LLaVA has none)")
+    if cfg.connector.pos_embed:
+        problems.append("a visual position embedding (connector.pos_embed; HF LLaVA has none)")
     if cfg.vision_aux is not None:
         problems.append("a high-res tower (vision_aux)")
     if cfg.moe is not None:

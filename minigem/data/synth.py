@@ -15,7 +15,6 @@ import io
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from minigem.data.records import Message, Sample
 from minigem.errors import DataError
+from minigem.fileio import atomic_write
 
 CATEGORIES: tuple[str, ...] = (
     "caption", "color", "shape", "count", "position", "existence", "glyph", "conversation",
@@ -496,17 +496,6 @@ class SynthSource:
 # ---------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def to_llava(sample: Sample, image: str | None) -> dict:
     """A LLaVA-format record ({"id", "image", "category", "conversations"}); a text-only
     record (image None) has no "image" key."""
@@ -536,10 +525,10 @@ def write_dataset(
         rel = None
         if sample.images:
             rel = f"images/{sample.id}.png"
-            _atomic_write(out / rel, _png_bytes(sample.images[0]))
+            atomic_write(out / rel, _png_bytes(sample.images[0]))
         records.append(to_llava(sample, rel))
     path = out / "data.json"
-    _atomic_write(path, (json.dumps(records, indent=1, ensure_ascii=False) + "\n").encode())
+    atomic_write(path, (json.dumps(records, indent=1, ensure_ascii=False) + "\n").encode())
     return path
 
 

@@ -32,7 +32,7 @@ class EvalReport:
     n_scored: int
     per_category: dict[str, dict[str, float]] = field(default_factory=dict)  # acc, n
     long_form: dict[str, dict[str, float]] = field(default_factory=dict)  # f1, n
-    examples: list[dict[str, str]] = field(default_factory=list)
+    examples: list[dict] = field(default_factory=list)  # per record, see `evaluate`
     gen_span: dict[str, float] | None = None  # rate, n (generation records), if any
     spurious_span: dict[str, float] | None = None  # rate, n (all other records), if any
 
@@ -62,7 +62,11 @@ class EvalReport:
 
 def evaluate(model, source, batch_size: int = 16, max_new_tokens: int = 24,
              limit: int | None = None, keep_examples: int = 0) -> EvalReport:
-    """Greedy-decode each record's last answer and score it."""
+    """Greedy-decode each record's last answer and score it.
+
+    The first `keep_examples` records (pass ``n`` or more for all) are kept in
+    `EvalReport.examples` with their prediction, reference and score: ``correct`` (exact match
+    or, for generation records, gen_span) or ``f1`` for long-form ones."""
     n = len(source) if limit is None else min(limit, len(source))
     hits: dict[str, list[bool]] = defaultdict(list)
     f1s: dict[str, list[float]] = defaultdict(list)
@@ -82,16 +86,21 @@ def evaluate(model, source, batch_size: int = 16, max_new_tokens: int = 24,
             ref = next(m.content for m in reversed(s.messages) if m.role == "assistant")
             cat = s.category or "uncategorised"
             long_form = cat in LONG_FORM or (s.category is None and len(ref.split()) > 3)
+            score: dict[str, object]
             if cat == GENERATION or (s.category is None and SPAN_OPEN in ref):
                 gen.append(gen_span_match(pred, ref))
+                score = {"correct": gen[-1]}
             else:
                 spurious.append(has_span(pred))
                 if long_form:
                     f1s[cat].append(token_f1(pred, ref))
+                    score = {"f1": f1s[cat][-1]}
                 else:
                     hits[cat].append(exact_match(pred, ref))
+                    score = {"correct": hits[cat][-1]}
             if len(examples) < keep_examples:
-                examples.append({"id": s.id, "category": cat, "prediction": pred, "reference": ref})
+                examples.append({"id": s.id, "category": cat, "prediction": pred, "reference": ref,
+                                 **score})
     model.train(was_training)
     scored = [h for v in hits.values() for h in v]
     return EvalReport(

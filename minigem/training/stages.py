@@ -31,7 +31,7 @@ def component_parameters(model, name: str) -> Iterator[tuple[str, nn.Parameter]]
     elif name == "mining":
         found = False
         for n, p in model.connector.named_parameters(prefix="connector"):
-            if not n.startswith("connector.projector."):
+            if not n.startswith("connector.projector.") and n != "connector.pos_embed":
                 found = True
                 yield n, p
         if not found:
