@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
+
+from minigem.training.runs import mean_samples_per_s, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_SEED = 20261123
@@ -57,15 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def cli(args: argparse.Namespace, *argv: str) -> tuple[str, float]:
     """Run `python -m minigem.cli ARGV` with the thread budget; return (stdout, wall seconds)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    cmd = [sys.executable, "-m", "minigem.cli", *argv]
-    print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)  # progress: stderr
-    wall = time.perf_counter() - t0
-    if res.returncode != 0:
-        raise SystemExit(f"failed ({res.returncode}): {' '.join(argv)}")
-    return res.stdout, wall
+    return run_cli(argv, args.threads, ROOT)
 
 
 def instruct_data(recipe: Path, seed: int) -> dict:
@@ -123,12 +115,6 @@ def param_counts(path: Path, train: list[str]) -> dict[str, int]:
         inactive += (len(layer.experts) - top_k) * per_expert
     trained = {id(p): p.numel() for c in train for _, p in component_parameters(model, c)}
     return {"total": total, "active": total - inactive, "trained": sum(trained.values())}
-
-
-def samples_per_s(run: Path) -> float | None:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r]
-    return sum(rates) / len(rates) if rates else None
 
 
 def table(res: dict) -> str:
@@ -195,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         ev, _ = cli(args, "eval", "--model", str(final), "--data", str(test), "--json")
         train = recipe["training"]["stages"][0]["train"]
         res["branches"][name] = {"train": train, "train_s": wall, "eval": json.loads(ev),
-                                 "samples_per_s": samples_per_s(final.parent),
+                                 "samples_per_s": mean_samples_per_s(final.parent),
                                  "params": param_counts(final, train), "checkpoint": str(final)}
         if name == "moe":
             rt, _ = cli(args, "inspect-routing", "--model", str(final), "--data", str(test), "--limit",

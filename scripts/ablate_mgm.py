@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""Mini-Gemini's ablation in miniature (the paper's Table 2): LR-only vs + HR patch mining.
+
+    python scripts/ablate_mgm.py [--base minigem/assets/tiny-shapes] [--out runs/ablate-mgm] \
+        [--steps 1500] [--hr-steps 600] [--arms lr,mgm] [--n-test 1000] [--threads 2]
+
+Every arm starts from the same LLaVA checkpoint (`--base`: its LR CLIP tower, connector and LLM)
+and gets the same budget: the same steps, batch, lr, schedule and data (the base recipe's
+instruct mix with more glyph questions, rendered at the HR size), run through the CLI
+(`minigem train` with `training.init_from`). So the LR tower, the LLM and the visual token
+count are the same in every arm; only the connector's input differs.
+
+- lr:      continue training the base (LR only), train [connector, llm];
+- mgm:     the base plus a high-res ConvNeXt and patch mining (`connector.type: patch_mining`,
+           same pool / pool_mode / pos_embed and the base's projector weights; the value
+           projection starts at zero, so before training the model is the base exactly).
+           The HR tower is pretrained first, CLIP-style, on images paired with the glyph they
+           show (a `contrastive` stage, train [vision_aux]), then frozen; the arm trains
+           [connector, llm] (mining + projector + LLM), as MGM's stage 2 does;
+- mgm-hd:  as mgm with HD token extension (image_grid 2 + a global view: 5x the tokens, HR
+           side doubled), from the same pretrained HR tower.
+
+Writes OUT/recipes/*.yaml (what ran), OUT/ablation.json and OUT/ablation.md (also printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from minigem.training.runs import mean_samples_per_s, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_SEED = 20261124
+# the tiny HR tower: a 4-stage ConvNeXt, 96 px -> a 24x24 map (M = 8 per token of a 3x3 grid)
+HR_TOWER = {"timm_name": "convnext_tiny", "config": {"dims": [32, 48, 64, 96], "depths": [1, 1, 1, 1]}}
+HR_SIZE = 96
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default=str(ROOT / "minigem" / "assets" / "tiny-shapes"),
+                    help="the LLaVA native checkpoint every arm starts from")
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "tiny-shapes.yaml"),
+                    help="recipe whose `instruct` stage mix is reused (glyph weight raised)")
+    ap.add_argument("--out", default="runs/ablate-mgm")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--glyph-weight", type=float, default=0.3, help="glyph share of the training mix")
+    ap.add_argument("--hr-size", type=int, default=HR_SIZE)
+    ap.add_argument("--hr-steps", type=int, default=0,
+                    help="HR tower contrastive pretraining steps before the arms (0: none)")
+    ap.add_argument("--freeze-hr", action="store_true",
+                    help="keep the HR tower frozen in the mgm arms (MGM's own recipe; use with --hr-steps)")
+    ap.add_argument("--hr-lr", type=float, default=2e-3)
+    ap.add_argument("--data-seed", type=int, default=5, help="synth seed of the training data")
+    ap.add_argument("--n-test", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--arms", default="lr,mgm", help="comma-separated subset of lr,mgm,mgm-hd")
+    return ap.parse_args(argv)
+
+
+def cli(args: argparse.Namespace, *argv: str) -> tuple[str, float]:
+    """Run `python -m minigem.cli ARGV` with the thread budget; return (stdout, wall seconds)."""
+    return run_cli(argv, args.threads, ROOT)
+
+
+def train_data(args: argparse.Namespace) -> dict:
+    stages = yaml.safe_load(Path(args.recipe).read_text())["training"]["stages"]
+    synth = dict(next(s for s in stages if s["name"] == "instruct")["data"]["synth"])
+    mix = {k: v for k, v in (synth.get("mix") or {}).items() if k != "glyph"}
+    total = sum(mix.values()) or 1.0
+    mix = {k: v * (1 - args.glyph_weight) / total for k, v in mix.items()}
+    mix["glyph"] = args.glyph_weight
+    return {"synth": {**synth, "seed": args.data_seed, "image_size": args.hr_size, "mix": mix}}
+
+
+def write_mgm_init(base: Path, dst: Path, hr_size: int, hd: bool) -> Path:
+    """The base LLaVA plus a fresh HR tower and mining layers, as a native checkpoint.
+
+    Every base weight is copied (LR tower, projector, pos_embed, LLM); the value projection
+    of the mining layer is zero, so the new model computes exactly what the base does until
+    training moves it."""
+    import torch
+
+    from minigem.checkpoints.native import load_model, save_model
+    from minigem.config import VisionAuxConfig
+    from minigem.model import VisionLanguageModel
+
+    src = load_model(base)
+    cfg = src.config.model_copy(deep=True)
+    if cfg.vision_aux is not None or cfg.connector.type == "patch_mining":
+        raise SystemExit(f"{base}: already a Mini-Gemini model; --base must be LR-only")
+    cfg.vision_aux = VisionAuxConfig(**HR_TOWER, image_size=2 * hr_size if hd else hr_size,
+                                     image_grid=2 if hd else 1, image_global=hd)
+    cfg.connector = cfg.connector.model_copy(update={"type": "patch_mining",
+                                                     "projector": _projector_kind(src)})
+    torch.manual_seed(0)
+    model = VisionLanguageModel.build(cfg, src.tokenizer)
+    state = src.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    new = [k for k in missing if not k.startswith(("vision_tower_aux.", "connector.vlm_uni_"))]
+    if new or unexpected:
+        raise SystemExit(f"base weights do not map onto the MGM model: missing {new}, unexpected {unexpected}")
+    val = model.connector.vlm_uni_val_projector[1]
+    with torch.no_grad():
+        val.weight.zero_()
+        val.bias.zero_()
+    return save_model(model, dst)
+
+
+def _projector_kind(model) -> str:
+    return "linear" if len(model.connector.projector) == 1 else "mlp2x_gelu"
+
+
+def base_recipe(args: argparse.Namespace, out: Path, name: str, init_from: Path, stage: dict) -> dict:
+    return {"training": {"output_dir": str(out / "runs" / name), "seed": 0, "bf16": "auto",
+                         "log_every": 25, "save_every": 10 ** 9, "init_from": str(init_from),
+                         "stages": [stage]}}
+
+
+def hr_pretrain_recipe(args: argparse.Namespace, out: Path, init: Path, name: str) -> dict:
+    """CLIP-style pretraining of the HR tower alone: each image with the glyph it shows."""
+    stage = {"name": "hr-contrastive", "kind": "contrastive", "train": ["vision_aux"],
+             "data": {"synth": {"n": 1_000_000, "seed": 11, "image_size": args.hr_size, "tasks": ["glyph"]}},
+             "lr": args.hr_lr, "weight_decay": 0.05, "warmup_ratio": 0.05, "batch_size": 64,
+             "steps": args.hr_steps,
+             "contrastive": {"embed_dim": 128, "text_width": 128, "text_layers": 1, "text_heads": 4}}
+    return base_recipe(args, out, name, init, stage)
+
+
+def arm_recipe(args: argparse.Namespace, out: Path, name: str, init: Path) -> dict:
+    train = ["connector", "llm"]
+    if name.startswith("mgm") and not args.freeze_hr:
+        train.append("vision_aux")
+    stage = {"name": name, "train": train, "data": train_data(args), "lr": args.lr,
+             "adam_beta2": 0.95, "schedule": "cosine", "warmup_ratio": 0.03,
+             "batch_size": args.batch_size, "steps": args.steps}
+    return base_recipe(args, out, name, init, stage)
+
+
+def table(res: dict) -> str:
+    rows = res["arms"]
+    cats = sorted({c for r in rows.values() for c in r["eval"]["per_category"]})
+    head = ["arm", "visual tokens", "train s", "samples/s", "accuracy", *cats]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        ev = r["eval"]
+        cells = [name, str(r["tokens"]), f"{r['train_s']:.0f}" if r.get("train_s") else "-",
+                 f"{r['samples_per_s']:.1f}" if r.get("samples_per_s") else "-", f"{ev['accuracy']:.1%}",
+                 *(f"{ev['per_category'][c]['accuracy']:.1%}" if c in ev["per_category"] else "-"
+                   for c in cats)]
+        lines.append("| " + " | ".join(cells) + " |")
+    s = res["setup"]
+    hr = (f"HR tower pretrained {s['hr_steps']} steps ({s['hr_pretrain_s']:.0f} s, not counted in the "
+          f"arms' budget)" if s["hr_steps"] else "HR tower from random init")
+    hr += ", trained in the mgm arms" if s["hr_trained_in_arms"] else ", frozen in the mgm arms"
+    head_line = (f"Base `{s['base']}`; every arm {s['steps']} steps x batch {s['batch_size']}, lr {s['lr']} "
+                 f"cosine, synth seed {s['data_seed']} at {s['hr_size']} px, glyph share {s['glyph_weight']}; "
+                 f"{hr}; test: {s['n_test']} records, seed {TEST_SEED}; {s['threads']} threads.")
+    return "\n".join([head_line, "", *lines]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    base = Path(args.base).resolve()
+    if not (base / "config.json").is_file():
+        raise SystemExit(f"{base}: not a model directory")
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ("lr", "mgm", "mgm-hd")]
+    if bad:
+        raise SystemExit(f"unknown arm(s) {bad}; valid: lr, mgm, mgm-hd")
+    (out / "recipes").mkdir(parents=True, exist_ok=True)
+
+    def run(name: str, recipe: dict) -> tuple[Path, float]:
+        path = out / "recipes" / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        _, wall = cli(args, "train", str(path))
+        return Path(recipe["training"]["output_dir"]) / "final", wall
+
+    res: dict = {"setup": {"base": str(base), "steps": args.steps, "batch_size": args.batch_size,
+                           "lr": args.lr, "data_seed": args.data_seed, "glyph_weight": args.glyph_weight,
+                           "hr_size": args.hr_size, "hr_steps": args.hr_steps, "n_test": args.n_test,
+                           "threads": args.threads, "hr_tower": HR_TOWER, "hr_pretrain_s": 0.0,
+                           "hr_trained_in_arms": not args.freeze_hr},
+                 "arms": {}}
+    inits: dict[str, Path] = {}
+    if any(a.startswith("mgm") for a in arms):
+        fresh = write_mgm_init(base, out / "init" / "mgm-fresh", args.hr_size, hd=False)
+        hr_final = fresh
+        if args.hr_steps > 0:  # pretrain the HR tower once (the contrastive stage trains only it)
+            hr_final, wall = run("hr-pretrain", hr_pretrain_recipe(args, out, fresh, "hr-pretrain"))
+            res["setup"]["hr_pretrain_s"] = wall
+        inits["mgm"] = hr_final
+        if "mgm-hd" in arms:  # the same pretrained tower and mining init, HD processing
+            from minigem.checkpoints.native import load_model, save_model
+
+            hd = write_mgm_init(base, out / "init" / "mgm-hd-fresh", args.hr_size, hd=True)
+            model = load_model(hd)
+            pretrained = load_model(hr_final).state_dict()
+            model.load_state_dict({k: v for k, v in pretrained.items()
+                                   if k.startswith(("vision_tower_aux.", "connector."))}, strict=False)
+            inits["mgm-hd"] = save_model(model, out / "init" / "mgm-hd")
+    test = out / "test" / "data.json"
+    if not test.is_file():
+        cli(args, "data", "synth", "--out", str(out / "test"), "--n", str(args.n_test),
+            "--seed", str(TEST_SEED), "--image-size", str(args.hr_size))
+    for name in arms:
+        final, wall = run(name, arm_recipe(args, out, name, base if name == "lr" else inits[name]))
+        ev, _ = cli(args, "eval", "--model", str(final), "--data", str(test), "--json",
+                    "--predictions", str(out / f"{name}.predictions.jsonl"))
+        from minigem.checkpoints.native import load_model
+
+        res["arms"][name] = {"train_s": wall, "eval": json.loads(ev), "checkpoint": str(final),
+                             "samples_per_s": mean_samples_per_s(final.parent),
+                             "tokens": load_model(final).tokens_per_image}
+        (out / "ablation.json").write_text(json.dumps(res, indent=2))
+    md = table(res)
+    (out / "ablation.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

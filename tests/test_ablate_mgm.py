@@ -1,0 +1,106 @@
+"""scripts/ablate_mgm.py: the LLaVA -> Mini-Gemini init, and the ablation end to end (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny_model
+
+from minigem.checkpoints.native import load_model, save_model
+from minigem.data.synth import make_scene, render
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ablate_mgm.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("ablate_mgm", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def base(tiny_model_config, tiny_tokenizer, tmp_path) -> Path:
+    torch.manual_seed(3)
+    return save_model(build_tiny_model(tiny_model_config, tiny_tokenizer), tmp_path / "base")
+
+
+def test_mgm_init_starts_as_the_base(base, tmp_path):
+    """The MGM init keeps every base weight and adds mining whose values start at zero, so
+    its visual tokens equal the base's on the same LR pixels; HD gives 5 views' tokens."""
+    mod = _script()
+    src = load_model(base).eval()
+    mgm = load_model(mod.write_mgm_init(base, tmp_path / "mgm", 96, hd=False)).eval()
+    assert mgm.config.connector.type == "patch_mining" and mgm.config.vision_aux.image_size == 96
+    assert mgm.tokens_per_image == src.tokens_per_image
+    images = [render(make_scene(random.Random(i)), 96) for i in range(3)]
+    px = mgm.processor(images)
+    with torch.no_grad():
+        want = src.encode_images(px["pixel_values"])
+        got = mgm.encode_images(px["pixel_values"], px["pixel_values_aux"])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the mining layers are really there: with a non-zero value projection the tokens change
+    with torch.no_grad():
+        mgm.connector.vlm_uni_val_projector[1].weight.normal_()
+        moved = mgm.encode_images(px["pixel_values"], px["pixel_values_aux"])
+    assert not torch.allclose(moved, want)
+
+    hd = load_model(mod.write_mgm_init(base, tmp_path / "hd", 96, hd=True))
+    assert hd.config.vision_aux.image_size == 192 and hd.config.vision_aux.image_grid == 2
+    assert hd.tokens_per_image == 5 * src.tokens_per_image
+    with pytest.raises(SystemExit, match="already a Mini-Gemini model"):
+        mod.write_mgm_init(tmp_path / "mgm", tmp_path / "again", 96, hd=False)
+
+
+def test_train_data_raises_the_glyph_share(tmp_path):
+    mod = _script()
+    args = mod.parse_args(["--glyph-weight", "0.4", "--hr-size", "96"])
+    synth = mod.train_data(args)["synth"]
+    assert synth["image_size"] == 96 and synth["seed"] == 5
+    assert synth["mix"]["glyph"] == 0.4 and sum(synth["mix"].values()) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_ablation_end_to_end(base, tmp_path, capsys):
+    out = tmp_path / "abl"
+    assert _script().main(["--base", str(base), "--out", str(out), "--steps", "2", "--batch-size", "4",
+                           "--hr-steps", "2", "--freeze-hr", "--n-test", "8", "--threads", "1",
+                           "--arms", "lr,mgm,mgm-hd"]) == 0
+    res = json.loads((out / "ablation.json").read_text())
+    assert list(res["arms"]) == ["lr", "mgm", "mgm-hd"]
+    tokens = {k: r["tokens"] for k, r in res["arms"].items()}
+    assert tokens["mgm"] == tokens["lr"] and tokens["mgm-hd"] == 5 * tokens["lr"]
+    for name, r in res["arms"].items():
+        recipe = (out / "recipes" / f"{name}.yaml").read_text()
+        assert "init_from" in recipe and "steps: 2" in recipe
+        assert 0 <= r["eval"]["accuracy"] <= 1 and r["eval"]["per_category"]
+        assert (out / f"{name}.predictions.jsonl").is_file()
+    # the HR tower was pretrained, then frozen in the arms: the mgm arm keeps it as pretrained
+    pre = load_model(out / "runs" / "hr-pretrain" / "final").vision_tower_aux.state_dict()
+    fresh = load_model(out / "init" / "mgm-fresh").vision_tower_aux.state_dict()
+    after = load_model(out / "runs" / "mgm" / "final").vision_tower_aux.state_dict()
+    assert any(not torch.equal(pre[k], fresh[k]) for k in pre)
+    assert all(torch.equal(pre[k], after[k]) for k in pre)
+    md = (out / "ablation.md").read_text()
+    assert "| mgm-hd |" in md and "frozen in the mgm arms" in md and md in capsys.readouterr().out
+
+
+def test_run_helpers(tmp_path):
+    """The shared helpers of the ablation scripts: mean samples/s of a run, and a CLI call
+    that fails is a SystemExit naming the command."""
+    from minigem.training.runs import mean_samples_per_s, run_cli
+
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "samples_per_s": 10.0}\n{"step": 1, "eval_accuracy": 0.5}\n{"step": 2, "samples_per_s": 20.0}\n')
+    assert mean_samples_per_s(tmp_path) == 15.0
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "eval_accuracy": 0.5}\n')
+    assert mean_samples_per_s(tmp_path) is None
+    out, wall = run_cli(["data", "synth", "--out", str(tmp_path / "d"), "--n", "2", "--seed", "1"], threads=1)
+    assert out.strip() == str(tmp_path / "d" / "data.json") and wall > 0
+    with pytest.raises(SystemExit, match="failed \\(2\\): eval --data"):
+        run_cli(["eval", "--data", str(tmp_path / "missing.json")], threads=1)
