@@ -160,6 +160,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from minigem.data.llava_json import LlavaJsonDataset
     from minigem.evaluation.runner import evaluate
 
+    if args.predictions and not Path(args.predictions).resolve().parent.is_dir():
+        raise DataError(f"--predictions {args.predictions}: folder {Path(args.predictions).resolve().parent} "
+                        "does not exist")
     model = load(args.model)
     source = LlavaJsonDataset(args.data, args.image_folder, image_token=model.config.image_token)
     report = evaluate(model, source, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -168,7 +171,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from minigem.fileio import atomic_write
 
         lines = "".join(json.dumps(e) + "\n" for e in report.examples)
-        atomic_write(Path(args.predictions), lines.encode())
+        atomic_write(args.predictions, lines.encode())
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import yaml
 
-from minigem.training.runs import mean_samples_per_s, run_cli
+from minigem.checkpoints.native import load_model, save_model
+from minigem.training.runs import mean_samples_per_s, run_cli, save_results, train_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_SEED = 20261124
@@ -85,11 +86,10 @@ def write_mgm_init(base: Path, dst: Path, hr_size: int, hd: bool) -> Path:
     """The base LLaVA plus a fresh HR tower and mining layers, as a native checkpoint.
 
     Every base weight is copied (LR tower, projector, pos_embed, LLM); the value projection
-    of the mining layer is zero, so the new model computes exactly what the base does until
-    training moves it."""
+    of the mining layer is zero, so on the same LR pixels the new model computes exactly what
+    the base does until training moves it."""
     import torch
 
-    from minigem.checkpoints.native import load_model, save_model
     from minigem.config import VisionAuxConfig
     from minigem.model import VisionLanguageModel
 
@@ -99,8 +99,9 @@ def write_mgm_init(base: Path, dst: Path, hr_size: int, hd: bool) -> Path:
         raise SystemExit(f"{base}: already a Mini-Gemini model; --base must be LR-only")
     cfg.vision_aux = VisionAuxConfig(**HR_TOWER, image_size=2 * hr_size if hd else hr_size,
                                      image_grid=2 if hd else 1, image_global=hd)
+    # an LR-only connector type is its projector kind (linear or mlp2x_gelu)
     cfg.connector = cfg.connector.model_copy(update={"type": "patch_mining",
-                                                     "projector": _projector_kind(src)})
+                                                     "projector": cfg.connector.type})
     torch.manual_seed(0)
     model = VisionLanguageModel.build(cfg, src.tokenizer)
     state = src.state_dict()
@@ -113,10 +114,6 @@ def write_mgm_init(base: Path, dst: Path, hr_size: int, hd: bool) -> Path:
         val.weight.zero_()
         val.bias.zero_()
     return save_model(model, dst)
-
-
-def _projector_kind(model) -> str:
-    return "linear" if len(model.connector.projector) == 1 else "mlp2x_gelu"
 
 
 def base_recipe(args: argparse.Namespace, out: Path, name: str, init_from: Path, stage: dict) -> dict:
@@ -180,10 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "recipes").mkdir(parents=True, exist_ok=True)
 
     def run(name: str, recipe: dict) -> tuple[Path, float]:
-        path = out / "recipes" / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        _, wall = cli(args, "train", str(path))
-        return Path(recipe["training"]["output_dir"]) / "final", wall
+        return train_recipe(recipe, out / "recipes" / f"{name}.yaml", args.threads, ROOT)
 
     res: dict = {"setup": {"base": str(base), "steps": args.steps, "batch_size": args.batch_size,
                            "lr": args.lr, "data_seed": args.data_seed, "glyph_weight": args.glyph_weight,
@@ -200,8 +194,6 @@ def main(argv: list[str] | None = None) -> int:
             res["setup"]["hr_pretrain_s"] = wall
         inits["mgm"] = hr_final
         if "mgm-hd" in arms:  # the same pretrained tower and mining init, HD processing
-            from minigem.checkpoints.native import load_model, save_model
-
             hd = write_mgm_init(base, out / "init" / "mgm-hd-fresh", args.hr_size, hd=True)
             model = load_model(hd)
             pretrained = load_model(hr_final).state_dict()
@@ -216,15 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         final, wall = run(name, arm_recipe(args, out, name, base if name == "lr" else inits[name]))
         ev, _ = cli(args, "eval", "--model", str(final), "--data", str(test), "--json",
                     "--predictions", str(out / f"{name}.predictions.jsonl"))
-        from minigem.checkpoints.native import load_model
-
         res["arms"][name] = {"train_s": wall, "eval": json.loads(ev), "checkpoint": str(final),
                              "samples_per_s": mean_samples_per_s(final.parent),
                              "tokens": load_model(final).tokens_per_image}
-        (out / "ablation.json").write_text(json.dumps(res, indent=2))
-    md = table(res)
-    (out / "ablation.md").write_text(md)
-    print(md)
+    save_results(out, res, table(res))
     return 0
 
 

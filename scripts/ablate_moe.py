@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from minigem.training.runs import mean_samples_per_s, run_cli
+from minigem.training.runs import mean_samples_per_s, run_cli, save_results, train_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_SEED = 20261123
@@ -174,10 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "params": param_counts(base, [])}
     for name in branches:
         recipe = recipes[name]
-        path = out / "recipes" / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        _, wall = cli(args, "train", str(path))
-        final = Path(recipe["training"]["output_dir"]) / "final"
+        final, wall = train_recipe(recipe, out / "recipes" / f"{name}.yaml", args.threads, ROOT)
         ev, _ = cli(args, "eval", "--model", str(final), "--data", str(test), "--json")
         train = recipe["training"]["stages"][0]["train"]
         res["branches"][name] = {"train": train, "train_s": wall, "eval": json.loads(ev),
@@ -187,10 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             rt, _ = cli(args, "inspect-routing", "--model", str(final), "--data", str(test), "--limit",
                         str(args.routing_limit), "--out", str(out / "routing.png"), "--json")
             res["routing"] = json.loads(rt)
-    (out / "ablation.json").write_text(json.dumps(res, indent=2) + "\n")
-    md = table(res)
-    (out / "ablation.md").write_text(md)
-    print(md)
+    save_results(out, res, table(res))
     return 0
 
 

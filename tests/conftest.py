@@ -13,6 +13,7 @@ module-scoped fixtures ``one_thread`` and ``model`` used by the serving tests.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,15 @@ TINY_LLAMA: dict[str, Any] = {
     "tie_word_embeddings": False,
 }
 TOKENS_PER_IMAGE = (16 // 8) ** 2
+
+
+def load_script(name: str):
+    """Import scripts/NAME.py (not a package) as a module, for tests of its functions."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def tiny_model_dict(**llm: Any) -> dict[str, Any]:

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, load_script
 
 from minigem.checkpoints.native import load_model, save_model
 from minigem.data.synth import make_scene, render
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ablate_mgm.py"
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("ablate_mgm", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("ablate_mgm")
 
 
 @pytest.fixture

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-from conftest import build_tiny_model
+from conftest import build_tiny_model, load_script
 
 from minigem.checkpoints.native import load_model, save_model
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ablate_moe.py"
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("ablate_moe", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("ablate_moe")
 
 
 @pytest.mark.slow

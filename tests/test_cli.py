@@ -238,6 +238,11 @@ def test_eval_predictions_file(tiny_saved_model, tiny_data, tmp_path, capsys):
         mine = [x["f1"] for x in lines if x["category"] == cat]
         assert sum(mine) / len(mine) == pytest.approx(r["f1"])
     assert not list(tmp_path.glob(".preds.jsonl.*"))  # written atomically, no temp file left
+    # a folder that does not exist is an error before any decoding
+    bad = tmp_path / "nope" / "preds.jsonl"
+    code, _, err = _run(capsys, "eval", "--model", str(tiny_saved_model), "--data", str(tiny_data),
+                        "--predictions", str(bad))
+    assert code == 2 and _last_err(err) == f"error: --predictions {bad}: folder {bad.parent} does not exist"
 
 
 def test_eval_errors(tiny_saved_model, tmp_path, capsys):

@@ -89,6 +89,5 @@ def build_connector(
     if cfg.pos_embed:
         if num_low_res is None:
             raise ValueError("connector pos_embed needs the number of low-res tokens per view")
-        tokens = num_low_res // (cfg.pool * cfg.pool)
-        connector.pos_embed = nn.Parameter(torch.randn(tokens, in_dim))
+        connector.pos_embed = nn.Parameter(torch.randn(connector.num_tokens(num_low_res), in_dim))
     return connector
