@@ -29,6 +29,13 @@ def _gen_kwargs(a: argparse.Namespace) -> dict:
             "stop": tuple(a.stop), "seed": a.seed}
 
 
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights and compute dtype (auto: bf16 on a GPU that supports it, else fp32)")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="minigem", description=__doc__.splitlines()[0])
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -45,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     _add_gen_args(p)
     add_image_args(p)
+    _add_device_args(p)
 
     p = sub.add_parser("train", help="train a model from a recipe")
     p.add_argument("recipe")
@@ -62,6 +70,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--predictions", default=None, metavar="FILE",
                    help="also write every record's prediction, reference and score as JSONL")
+    _add_device_args(p)
 
     p = sub.add_parser("data", help="data tools")
     dsub = p.add_subparsers(dest="data_cmd", required=True)
@@ -90,6 +99,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, help="relied-on LR tokens to outline (default 5)")
     p.add_argument("--system", default=None, help="system prompt")
     _add_gen_args(p)
+    _add_device_args(p)
 
     p = sub.add_parser("inspect-routing", help="plot how MoE layers route image vs text tokens")
     p.add_argument("--model", required=True, help="a native MoE model directory")
@@ -114,6 +124,7 @@ def parser() -> argparse.ArgumentParser:
                    help="diffusers text-to-image pipeline for image generation "
                         "(default: the bundled one if installed)")
     p.add_argument("--no-image-generation", action="store_true", help="serve without image generation")
+    _add_device_args(p)
 
     p = sub.add_parser("export", help="export a native checkpoint to a foreign format")
     p.add_argument("--to", dest="fmt", required=True, choices=["hf-llava"])

@@ -7,10 +7,14 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from minigem.errors import DataError, MinigemError
+
+if TYPE_CHECKING:
+    import torch
 
 EXAMPLES = Path("examples")
 
@@ -28,10 +32,31 @@ def open_image(path: str | Path) -> Image.Image:
         raise DataError(f"cannot read image {p}: {err}") from None
 
 
-def load(path: str | None):
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """`--device` / `--dtype` -> (device, dtype); a clear error for a device that is not there."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise MinigemError(f"--device {device!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MinigemError(f"--device {device}: no CUDA GPU is available (torch {torch.__version__})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise MinigemError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    if dtype == "auto":
+        bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+        return dev, torch.bfloat16 if bf16 else torch.float32
+    return dev, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+def load(path: str | None, args: argparse.Namespace | None = None):
     from minigem.checkpoints.native import load_model
 
-    return load_model(path)
+    dev, dtype = resolve_device(getattr(args, "device", "cpu"), getattr(args, "dtype", "auto"))
+    return load_model(path, device=dev, dtype=dtype)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -59,7 +84,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         from minigem.imagegen.command import chat_gen
 
         return chat_gen(args, gen)
-    model = load(args.model)
+    model = load(args.model, args)
     images = [open_image(p) for p in args.image]
     if args.question is not None:
         text = model.chat_batch([(images, args.question)], **gen)[0]
@@ -163,7 +188,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.predictions and not Path(args.predictions).resolve().parent.is_dir():
         raise DataError(f"--predictions {args.predictions}: folder {Path(args.predictions).resolve().parent} "
                         "does not exist")
-    model = load(args.model)
+    model = load(args.model, args)
     source = LlavaJsonDataset(args.data, args.image_folder, image_token=model.config.image_token)
     report = evaluate(model, source, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       limit=args.limit, keep_examples=len(source) if args.predictions else 0)
@@ -224,7 +249,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise MinigemError(f"--out: no such directory: {out.parent}")
     image = open_image(args.image)
-    model = load(args.model)
+    model = load(args.model, args)
     name = str(Path(args.model).expanduser()) if args.model else str(BUNDLED)
     result = explain(model, image, args.question, name=name, system=args.system, **_gen(args))
     try:
@@ -249,7 +274,7 @@ def cmd_inspect_routing(args: argparse.Namespace) -> int:
     from minigem.data.llava_json import LlavaJsonDataset
     from minigem.evaluation.routing import collect_routing, plot_routing
 
-    model = load(args.model)
+    model = load(args.model, args)
     source = LlavaJsonDataset(args.data, args.image_folder, image_token=model.config.image_token)
     stats = collect_routing(model, source, limit=args.limit)
     plot_routing(stats, args.out)
@@ -273,6 +298,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from minigem.serving.server import serve
 
     return serve(args.model, host=args.host, port=args.port, api_key=args.api_key,
+                 device=resolve_device(args.device, args.dtype),
                  threads=args.threads, max_batch=args.max_batch, max_queue=args.max_queue,
                  timeout_s=args.timeout, allow_remote_images=args.allow_remote_images,
                  image_pipeline=None if args.no_image_generation else image_pipeline(args))

@@ -53,6 +53,39 @@ def test_chat_plain_with_options(tiny_model, tiny_saved_model, image, capsys):
     assert out == tiny_model.chat([img, img], q, max_new_tokens=5, temperature=1.2, seed=3) + "\n"
 
 
+def test_chat_device_and_dtype(tiny_model, tiny_saved_model, image, capsys):
+    """--device cpu --dtype bf16 runs the model in bf16; --device cpu --dtype fp32 is the
+    default's answer exactly."""
+    import torch
+
+    from minigem.commands import resolve_device
+
+    q = "What color is the circle?"
+    code, out, err = _run(capsys, "chat", "--model", str(tiny_saved_model), "--image", str(image), q,
+                          "--max-new-tokens", "4", "--device", "cpu", "--dtype", "fp32")
+    assert code == 0, err
+    assert out == tiny_model.chat(Image.open(image).convert("RGB"), q, max_new_tokens=4) + "\n"
+    code, out, err = _run(capsys, "chat", "--model", str(tiny_saved_model), "--image", str(image), q,
+                          "--max-new-tokens", "4", "--device", "cpu", "--dtype", "bf16")
+    assert code == 0 and out.strip(), err
+    assert resolve_device("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)
+    assert resolve_device("cpu", "auto") == (torch.device("cpu"), torch.float32)
+
+
+def test_device_errors(tiny_saved_model, capsys):
+    import torch
+
+    code, out, err = _run(capsys, "chat", "--model", str(tiny_saved_model), "hi", "--device", "tpu9")
+    assert code == 2 and out == ""
+    assert _last_err(err).startswith("error: --device 'tpu9': ")
+    if torch.cuda.is_available():
+        bad, want = f"cuda:{torch.cuda.device_count()}", "CUDA device(s)"
+    else:
+        bad, want = "cuda", "no CUDA GPU is available"
+    code, _, err = _run(capsys, "eval", "--model", str(tiny_saved_model), "--data", "x.json", "--device", bad)
+    assert code == 2 and want in _last_err(err)
+
+
 def test_chat_missing_image(tiny_saved_model, tmp_path, capsys):
     missing = tmp_path / "nope.png"
     code, out, err = _run(capsys, "chat", "--model", str(tiny_saved_model), "--image", str(missing), "q")
@@ -174,7 +207,7 @@ def test_data_synth_tasks_and_size(tmp_path, capsys):
     (["--n", "0"], "error: --n must be at least 1"),
     (["--n", "2", "--tasks", "color,colour"],
      "error: --tasks: unknown categories ['colour']; valid: caption, color, shape, count, position, "
-     "existence, glyph, conversation, generation"),
+     "existence, glyph, conversation, generation, glyphs"),
 ])
 def test_data_synth_errors(tmp_path, capsys, args, message):
     code, _, err = _run(capsys, "data", "synth", "--out", str(tmp_path / "x"), *args)

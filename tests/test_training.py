@@ -274,3 +274,32 @@ def test_steps_from_epochs_and_schedules():
     assert lin[3:] == pytest.approx([1 - k / 8 for k in range(1, 8)])
     cos = lrs(schedule="cosine", warmup_ratio=0.0)
     assert cos[0] == 1.0 and cos[5] == pytest.approx(0.5) and all(a > b for a, b in zip(cos, cos[1:], strict=False))
+
+
+def test_bf16_on_trains_on_this_machine(tmp_path):
+    """`training.bf16: on` builds one Accelerator with bf16 autocast (a second Accelerator with
+    another mixed_precision is refused by accelerate: this broke bf16 training on GPUs)."""
+    stage = {**INSTRUCT, "steps": 1, "batch_size": 2}
+    _train(tiny_recipe(tmp_path, [stage], bf16="on"))
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == [1]
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_contrastive_max_pool_is_the_per_channel_max(tmp_path):
+    from types import SimpleNamespace
+
+    from minigem.training.contrastive import pooled_image_features
+
+    low = torch.randn(2, 9, 4)
+    high = torch.randn(2, 3, 5, 5)
+    model = SimpleNamespace(vision_tower=lambda px: low, vision_tower_aux=lambda px: high)
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "pixel_values": None, "pixel_values_aux": None}
+    got = pooled_image_features(model, batch, ["vision", "vision_aux"], "max")
+    torch.testing.assert_close(got, torch.cat([low.amax(1), high.amax((2, 3))], -1))
+    got = pooled_image_features(model, batch, ["vision_aux"], "mean")
+    torch.testing.assert_close(got, high.mean((2, 3)))
+    with pytest.raises(ValueError, match="'mean' or 'max'"):
+        pooled_image_features(model, batch, ["vision"], "sum")
+    stage = {**CONTRASTIVE, "steps": 2, "contrastive": {**CONTRASTIVE["contrastive"], "pool": "max"}}
+    _train(tiny_recipe(tmp_path, [stage]))
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2]

@@ -6,11 +6,15 @@ import ipaddress
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from minigem.errors import MinigemError
 from minigem.serving.settings import RemoteImages, ServeSettings
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("minigem.serving")
 
@@ -30,10 +34,12 @@ def is_loopback(host: str) -> bool:
 
 def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, threads: int | None = None,
-          image_pipeline: str | Path | None = None, **limits) -> int:
+          image_pipeline: str | Path | None = None,
+          device: tuple[torch.device, torch.dtype] | None = None, **limits) -> int:
     """Blocking: serve until interrupted. ``limits``: ServeSettings fields (+ remote_images).
 
     ``image_pipeline``: a diffusers text-to-image directory for image generation (None: off).
+    ``device``: (device, dtype) for the model (None: CPU, fp32).
     """
     if not 0 < port < 65536:
         raise MinigemError(f"--port must be in 1..65535, got {port}")
@@ -61,7 +67,8 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000,
         from minigem.imagegen.bridge import DiffusionBridge
 
         bridge = DiffusionBridge(image_pipeline)
-    model = load_model(model_path)
+    dev, dtype = device or (None, None)
+    model = load_model(model_path, device=dev, dtype=dtype)
     if bridge is not None:
         bridge.load()  # now rather than in the first request
         print(f"minigem: image generation with {bridge.path}", flush=True)

@@ -69,15 +69,20 @@ class Trainer:
     """Runs a recipe. `build_model` and `tokenizer` come from `minigem.training.build`."""
 
     def __init__(self, recipe: RecipeConfig, model, recipe_text: str | None = None) -> None:
-        from accelerate import Accelerator
+        from accelerate import Accelerator, PartialState
+        from accelerate.state import AcceleratorState
 
         from minigem.training.precision import use_bf16
 
         self.recipe = recipe
         self.cfg = recipe.training
         self.model = model
-        probe = Accelerator(cpu=not torch.cuda.is_available())
-        bf16 = use_bf16(self.cfg.bf16, probe.device)
+        # The device decides bf16 before the one Accelerator exists: accelerate refuses a second
+        # Accelerator with another mixed_precision in the same process, so a previous run's
+        # precision (an earlier Trainer in this process) is cleared; the process group stays.
+        device = PartialState(cpu=not torch.cuda.is_available()).device
+        bf16 = use_bf16(self.cfg.bf16, device)
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
         self.out = Path(self.cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -164,13 +169,16 @@ class Trainer:
         src, ds = self._data(stage)
         total = stage_steps(stage, len(ds), acc.num_processes)
         heads = None
+        # on the device before the optimizer exists: a resumed optimizer state is then loaded
+        # next to its parameters (not left on the CPU while prepare() moves the model)
+        model.to(acc.device)
         params = [p for p in model.parameters() if p.requires_grad]
         if stage.kind == "contrastive":
             from minigem.training.contrastive import ContrastiveHeads, image_feature_dim
 
             heads = ContrastiveHeads(stage.contrastive, len(model.tokenizer),
                                      image_feature_dim(model, stage.train),
-                                     model.tokenizer.pad_token_id or 0)
+                                     model.tokenizer.pad_token_id or 0).to(acc.device)
             params += list(heads.parameters())
         opt = make_optimizer(params, stage)
         sched = make_scheduler(opt, stage, total)
@@ -181,8 +189,6 @@ class Trainer:
             if heads is not None and state.get("heads") is not None:
                 heads.load_state_dict(state["heads"])
         engine, opt = acc.prepare(model, opt)
-        if heads is not None:
-            heads = heads.to(acc.device)
         sampler = ResumableBatchSampler(len(ds), stage.batch_size, self.cfg.seed + 7919 * idx,
                                         start=start * stage.grad_accum, total=total * stage.grad_accum,
                                         rank=acc.process_index, world=acc.num_processes)
@@ -213,7 +219,7 @@ class Trainer:
                 if heads is not None:
                     from minigem.training.contrastive import pooled_image_features
 
-                    feats = pooled_image_features(model, batch, stage.train)
+                    feats = pooled_image_features(model, batch, stage.train, stage.contrastive.pool)
                     loss, racc = heads(feats, batch["input_ids"], batch["attention_mask"])
                     extra["retrieval_acc"] = extra.get("retrieval_acc", 0.0) + racc.item() / stage.grad_accum
                 else:
