@@ -20,6 +20,11 @@ Time: the first call (includes page faults of fresh allocations) and the best of
     .venv/bin/python benchmarks/bench_mining.py                 # 768 fp32+bf16, hd fp32
     .venv/bin/python benchmarks/bench_mining.py --hd-bf16       # also hd bf16 (~10 min)
     .venv/bin/python benchmarks/bench_mining.py --quick         # small smoke run
+    python benchmarks/bench_mining.py --device cuda --hd-bf16   # on a GPU: all four cases
+
+On a GPU (`--device cuda`) peak memory is the CUDA allocator's peak during the call minus what
+was allocated just before it (torch.cuda.max_memory_allocated), times are wall times after
+torch.cuda.synchronize(), and the matmul peak is measured on the GPU in the same run.
 """
 
 from __future__ import annotations
@@ -49,7 +54,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # ----------------------------------------------------------------------------- variants
 
 
+SYNC = [lambda: None]  # torch.cuda.synchronize when the benchmark runs on a GPU
+
+
 def _now() -> tuple[float, float]:
+    SYNC[0]()
     return time.perf_counter(), time.process_time()
 
 
@@ -130,18 +139,43 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def worker(impl: str, size: str, dtype_name: str, repeats: int, quick: bool, out_path: str):
+def _peak_tracker(device: str):
+    """(start, stop) -> MiB allocated by the call at its peak, inputs excluded."""
+    if device == "cuda":
+        def start() -> int:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+
+        def stop(base: int) -> float:
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - base) / 2**20
+        return start, stop
+
+    def cpu_start() -> int:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current
+        return _status_kb("VmRSS")
+
+    def cpu_stop(base: int) -> float:
+        return (_status_kb("VmHWM") - base) / 1024
+    return cpu_start, cpu_stop
+
+
+def worker(impl: str, size: str, dtype_name: str, repeats: int, quick: bool, out_path: str,
+           device: str = "cpu", chunk_cells: int | None = None):
     dtype = DTYPES[dtype_name]
+    if device == "cuda":
+        SYNC[0] = torch.cuda.synchronize
     torch.manual_seed(0)
     scale = 4 if quick else 1  # quick: 4x smaller maps and 4x fewer tokens
     side_hr = (768 if size == "768" else 1536) // scale
     n = N // (scale * scale) if quick else N
-    conn = PatchMiningConnector("linear", C, C, sum(DIMS))
+    conn = PatchMiningConnector("linear", C, C, sum(DIMS), chunk_cells=chunk_cells)
     with torch.no_grad():
         for name, p in conn.named_parameters():
             if ".0." in f".{name}" and p.ndim == 1:  # non-trivial LayerNorm affines
                 p.add_(torch.randn_like(p) * 0.2)
-    conn = conn.to(dtype).eval()
+    conn = conn.to(device=device, dtype=dtype).eval()
     gen = torch.Generator().manual_seed(1)
     stages = [
         torch.randn(1, d, side_hr // 2 ** (s + 2), side_hr // 2 ** (s + 2), generator=gen).to(dtype)
@@ -149,20 +183,20 @@ def worker(impl: str, size: str, dtype_name: str, repeats: int, quick: bool, out
     ]
     views = 5 if size == "hd" else 1
     q = torch.randn(views, n, C, generator=gen).to(dtype)
+    stages, q = [t.to(device) for t in stages], q.to(device)
+    start, stop = _peak_tracker(device)
     fn = {"ours": ours, "ours-split": ours_split, "reference": reference}[impl]
     runs = []
     with torch.no_grad():
         for i in range(1 + repeats):
             gc.collect()
-            Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current
-            base = _status_kb("VmRSS")
-            t = time.perf_counter()
+            base = start()
+            t = _now()[0]
             out, phases = fn(conn, stages, q, size == "hd")
-            total = time.perf_counter() - t
-            peak = _status_kb("VmHWM") - base
-            runs.append({"total": total, "peak_mib": peak / 1024, **phases})
+            total = _now()[0] - t
+            runs.append({"total": total, "peak_mib": stop(base), **phases})
             if i == 0:
-                torch.save(out.float(), out_path)
+                torch.save(out.float().cpu(), out_path)
             del out
     cells = views * (side_hr // 4 // (2 if size == "hd" else 1)) ** 2
     print(json.dumps({"runs": runs, "cells": cells}))
@@ -171,10 +205,16 @@ def worker(impl: str, size: str, dtype_name: str, repeats: int, quick: bool, out
 # ----------------------------------------------------------------------------- driver
 
 
-def peak_gflops(dtype: torch.dtype, quick: bool) -> tuple[float, float]:
+def peak_gflops(dtype: torch.dtype, quick: bool, device: str = "cpu") -> tuple[float, float]:
     """Best matmul rate (GFLOP per wall second, per CPU second): fp32 on 4096^2 squares,
-    bf16 on the K/V projection's own shape (x @ W^T, which has a fast oneDNN path here)."""
-    if dtype == torch.float32:
+    bf16 on the K/V projection's own shape (x @ W^T, which has a fast oneDNN path here).
+    On a GPU both use the K/V projection's shape at 64k rows (a whole HD chunk's worth)."""
+    if device == "cuda":
+        rows = 65536
+        a = torch.randn(rows, 2880, device=device, dtype=dtype)
+        w = torch.randn(2 * C, 2880, device=device, dtype=dtype)
+        fn, flops = (lambda: F.linear(a, w)), 2 * rows * 2880 * 2 * C
+    elif dtype == torch.float32:
         n = 1024 if quick else 4096
         a, b = torch.randn(n, n), torch.randn(n, n)
         fn, flops = (lambda: a @ b), 2 * n**3
@@ -184,7 +224,7 @@ def peak_gflops(dtype: torch.dtype, quick: bool) -> tuple[float, float]:
         fn, flops = (lambda: F.linear(a, w)), 2 * rows * 2880 * 2 * C
     fn()
     times = []
-    for _ in range(3):
+    for _ in range(10 if device == "cuda" else 3):
         w0, c0 = _now()
         fn()
         w1, c1 = _now()
@@ -195,7 +235,9 @@ def peak_gflops(dtype: torch.dtype, quick: bool) -> tuple[float, float]:
 def run_variant(impl, size, dtype_name, repeats, args, tmp: Path) -> dict:
     out = tmp / f"{impl}-{size}-{dtype_name}.pt"
     cmd = [sys.executable, __file__, "--worker", impl, size, dtype_name, str(repeats), str(out)]
-    cmd += ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    cmd += ["--threads", str(args.threads), "--device", args.device]
+    cmd += ["--chunk-cells", str(args.chunk_cells)] if args.chunk_cells else []
+    cmd += ["--quick"] if args.quick else []
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr}")
@@ -204,7 +246,8 @@ def run_variant(impl, size, dtype_name, repeats, args, tmp: Path) -> dict:
     return data
 
 
-def report(size: str, dt: str, res: dict, peaks: dict) -> None:
+def report(size: str, dt: str, res: dict, peaks: dict, unit: float = 1.0) -> None:
+    """One table row per implementation; times in seconds x `unit` (1000 on a GPU: ms)."""
     ref_out = torch.load(res["reference"]["out"])
     for impl in res:
         runs = res[impl]["runs"]
@@ -212,8 +255,9 @@ def report(size: str, dt: str, res: dict, peaks: dict) -> None:
         flops = 2 * res[impl]["cells"] * sum(DIMS) * 2 * C  # K/V projection
         kv_wall, kv_cpu = (flops / (p * 1e9) for p in peaks[dt])
         diff = (torch.load(res[impl]["out"]) - ref_out).abs().max() / ref_out.abs().max()
-        print(f"| {size} | {dt} | {impl} | {runs[0]['total']:.2f} | {best['total']:.2f} "
-              f"| {best['assemble']:.2f} | {best['split']:.2f} | {best['mine']:.2f} "
+        t = {k: v * unit for k, v in best.items()}
+        print(f"| {size} | {dt} | {impl} | {runs[0]['total'] * unit:.2f} | {t['total']:.2f} "
+              f"| {t['assemble']:.2f} | {t['split']:.2f} | {t['mine']:.2f} "
               f"| {runs[0]['peak_mib']:.0f} | {best['mine'] / kv_wall:.2f}x "
               f"| {best['mine_cpu'] / kv_cpu:.2f}x | {best['total_cpu'] / kv_cpu:.2f}x "
               f"| {diff:.1e} |", flush=True)  # fmt: skip
@@ -234,22 +278,31 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", choices=["768", "hd"], default=["768", "hd"])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--chunk-cells", type=int, default=None,
+                    help="PatchMiningConnector.chunk_cells (default: its own, 2048 on CPU)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.worker:
         impl, size, dt, reps, out = a.worker
-        worker(impl, size, dt, int(reps), a.quick, out)
+        worker(impl, size, dt, int(reps), a.quick, out, a.device, a.chunk_cells)
         return
     cases = [("768", "fp32", a.repeats), ("hd", "fp32", a.repeats)]
-    cases += [] if a.no_bf16 else [("768", "bf16", 0)] + ([("hd", "bf16", 0)] if a.hd_bf16 else [])
+    bf_reps = a.repeats if a.device == "cuda" else 0  # CPU bf16 is slow here: one call
+    cases += [] if a.no_bf16 else [("768", "bf16", bf_reps)] + ([("hd", "bf16", bf_reps)] if a.hd_bf16 else [])
     cases = [c for c in cases if c[0] in a.sizes]
-    print(f"torch {torch.__version__}, threads {a.threads}, "
-          f"cpu capability {torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
-    peaks = {name: peak_gflops(DTYPES[name], a.quick) for name in ("fp32", "bf16")}
+    where = (torch.cuda.get_device_name() if a.device == "cuda"
+             else f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"torch {torch.__version__}, threads {a.threads}, {where}, chunk_cells {a.chunk_cells or 'default'}")
+    if a.device == "cuda":
+        SYNC[0] = torch.cuda.synchronize
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 rows are true fp32 on both sides
+    peaks = {name: peak_gflops(DTYPES[name], a.quick, a.device) for name in ("fp32", "bf16")}
     print("matmul peak GFLOP/s (wall; per CPU-second): "
           + ", ".join(f"{k} {w:.1f}; {c:.1f}" for k, (w, c) in peaks.items()))  # fmt: skip
+    unit, u = (1000.0, "ms") if a.device == "cuda" else (1.0, "s")
     print(
-        "| size | dtype | impl | first s | best s | assemble s | split s | mine s | peak MiB "
+        f"| size | dtype | impl | first {u} | best {u} | assemble {u} | split {u} | mine {u} | peak MiB "
         "| mine / KV@peak (wall) | mine / KV@peak (CPU) | total / KV@peak (CPU) | max rel diff |"
     )
     print("|---" * 13 + "|")
@@ -257,7 +310,7 @@ def main() -> None:
         for size, dt, reps in cases:
             impls = ("ours", "ours-split", "reference") if size == "hd" else ("ours", "reference")
             res = {i: run_variant(i, size, dt, reps, a, Path(tmp)) for i in impls}
-            report(size, dt, res, peaks)
+            report(size, dt, res, peaks, unit)
 
 
 if __name__ == "__main__":

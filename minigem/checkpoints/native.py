@@ -55,11 +55,15 @@ def frozen_config(model) -> ModelConfig:
     return cfg
 
 
-def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors; tied weights are stored once (under their first name)."""
+def state_dict_for_save(model: torch.nn.Module,
+                        state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors; tied weights are stored once (under their first name).
+
+    state: the weights to write instead of ``model.state_dict()`` (a full state dict gathered
+    from FSDP / DeepSpeed shards, whose parameters are not plain tensors)."""
     seen: dict[int, str] = {}
     out = {}
-    for k, v in model.state_dict().items():
+    for k, v in (model.state_dict() if state is None else state).items():
         ptr = v.untyped_storage().data_ptr() if v.numel() else -1
         if ptr in seen and ptr != -1:
             continue
@@ -92,22 +96,25 @@ def atomic_dir(dst: Path):
     return _Ctx()
 
 
-def write_model(model, directory: Path, extra: dict[str, Any] | None = None) -> None:
-    """Write the checkpoint files into an existing directory (not atomic by itself)."""
+def write_model(model, directory: Path, extra: dict[str, Any] | None = None,
+                state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the checkpoint files into an existing directory (not atomic by itself).
+    state: weights to write instead of the model's own (see `state_dict_for_save`)."""
     cfg = frozen_config(model)
     meta = {"format": FORMAT, "minigem_version": __version__, "model": cfg.model_dump(mode="json")}
     if extra:
         meta.update(extra)
-    save_file(state_dict_for_save(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state_dict_for_save(model, state), str(directory / "model.safetensors"), metadata={"format": "pt"})
     model.tokenizer.save_pretrained(directory)
     (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def save_model(model, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+def save_model(model, path: str | Path, extra: dict[str, Any] | None = None,
+               state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model` as a native checkpoint directory (atomically)."""
     path = Path(path)
     with atomic_dir(path) as tmp:
-        write_model(model, tmp, extra)
+        write_model(model, tmp, extra, state)
     return path
 
 

@@ -75,8 +75,9 @@ class PatchMiningConnector(Connector):
         self.vlm_uni_val_projector = _ln_linear(aux_dim, vision_dim)  # values
         self.projector = make_projector(projector, vision_dim, llm_dim)
         # HR cells normalised and projected per step (whole token rows of one image): bounds
-        # the temporaries. None = 2048 on CPU (cache-sized, measured), 65536 elsewhere (a
-        # whole 192x192 map per step: fewer kernel launches on a GPU).
+        # the temporaries. None = 2048 on CPU (cache-sized, measured), 8192 elsewhere (on an
+        # H100 as fast as whole-map steps, with 2.2x less peak memory at HD bf16 than the
+        # straightforward version where 65536 gave 1.2x: docs/BENCHMARKS.md).
         self.chunk_cells = chunk_cells
 
     # ------------------------------------------------------------------ public
@@ -160,7 +161,7 @@ class PatchMiningConnector(Connector):
         dtype = q_raw.dtype
         q = self.vlm_uni_query_projector(q_raw)  # phi_q(Q) [B, N, C]
         w_kv, b_kv = self._fused_kv()  # [2C, C_hr], [2C]
-        chunk = self.chunk_cells or (2048 if hr.device.type == "cpu" else 65536)
+        chunk = self.chunk_cells or (2048 if hr.device.type == "cpu" else 8192)
         rows = max(1, min(side, chunk // (m * w)))  # token rows per step
         scale = 1.0 / math.sqrt(c)
         for i in range(b):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from minigem.checkpoints.native import load_state, save_model
+from minigem.checkpoints.native import load_state, save_model, write_model
 from minigem.config import RecipeConfig, StageConfig, dump_yaml
 from minigem.data.collate import SampleEncoder, collate
 from minigem.training.checkpoint import (
@@ -131,7 +131,10 @@ class Trainer:
                                        state if i == start_stage else None)
             if not finished:
                 return latest_checkpoint(self.out)
-        final = save_model(self.model, self.out / "final") if self.acc.is_main_process else self.out / "final"
+        full = self._full_state()  # collective: every process takes part
+        final = self.out / "final"
+        if self.acc.is_main_process:
+            final = save_model(self.acc.unwrap_model(self.model), final, state=full)
         self._plot()
         return final
 
@@ -189,6 +192,11 @@ class Trainer:
             if heads is not None and state.get("heads") is not None:
                 heads.load_state_dict(state["heads"])
         engine, opt = acc.prepare(model, opt)
+        self.engine = engine
+        # FSDP replaces the parameters with sharded ones (the optimizer follows): clip those
+        params = [p for p in engine.parameters() if p.requires_grad]
+        if heads is not None:
+            params += list(heads.parameters())
         sampler = ResumableBatchSampler(len(ds), stage.batch_size, self.cfg.seed + 7919 * idx,
                                         start=start * stage.grad_accum, total=total * stage.grad_accum,
                                         rank=acc.process_index, world=acc.num_processes)
@@ -266,14 +274,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
 
+    def _full_state(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights gathered from FSDP / DeepSpeed shards (a collective call:
+        every process makes it); None when the model's own state_dict is already whole."""
+        from accelerate.utils import DistributedType
+
+        engine = getattr(self, "engine", None)
+        if engine is None or self.acc.distributed_type not in (DistributedType.FSDP,
+                                                                 DistributedType.DEEPSPEED):
+            return None
+        return self.acc.get_state_dict(engine)
+
     def _save(self, stage: int, step: int, opt, sched, heads) -> None:
+        full = self._full_state()
         if not self.acc.is_main_process:
             return
         state = {"stage": stage, "step": step, "rng": rng_state(), "history": self.history,
                  "optimizer": opt.state_dict() if opt is not None else None,
                  "scheduler": sched.state_dict() if sched is not None else None,
                  "heads": heads.state_dict() if heads is not None else None}
-        save_checkpoint(self.out, self.acc.unwrap_model(self.model), state)
+        save_checkpoint(self.out, self.acc.unwrap_model(self.model), state,
+                        write=partial(write_model, state=full))
 
     def _evaluate(self, stage: StageConfig, step: int, source) -> None:
         from minigem.evaluation.runner import evaluate
