@@ -60,9 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--freeze-hr", action="store_true",
                     help="keep the HR tower frozen in the mgm arms (MGM's own recipe; use with --hr-steps)")
     ap.add_argument("--hr-lr", type=float, default=2e-3)
+    ap.add_argument("--hr-pool", choices=["max", "mean", "region"], default="max",
+                    help="how the HR map is pooled for the contrastive loss")
     ap.add_argument("--data-seed", type=int, default=5, help="synth seed of the training data")
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--num-workers", type=int, default=0, help="data loader processes (training)")
     ap.add_argument("--arms", default="lr,mgm", help="comma-separated subset of lr,mgm,mgm-hd")
     return ap.parse_args(argv)
 
@@ -118,17 +121,20 @@ def write_mgm_init(base: Path, dst: Path, hr_size: int, hd: bool) -> Path:
 
 def base_recipe(args: argparse.Namespace, out: Path, name: str, init_from: Path, stage: dict) -> dict:
     return {"training": {"output_dir": str(out / "runs" / name), "seed": 0, "bf16": "auto",
+                         "num_workers": args.num_workers,
                          "log_every": 25, "save_every": 10 ** 9, "init_from": str(init_from),
                          "stages": [stage]}}
 
 
 def hr_pretrain_recipe(args: argparse.Namespace, out: Path, init: Path, name: str) -> dict:
-    """CLIP-style pretraining of the HR tower alone: each image with the glyph it shows."""
+    """CLIP-style pretraining of the HR tower alone: each image with a caption naming every
+    glyph it shows (the synth `glyphs` task: "3, a"), image features max-pooled."""
     stage = {"name": "hr-contrastive", "kind": "contrastive", "train": ["vision_aux"],
-             "data": {"synth": {"n": 1_000_000, "seed": 11, "image_size": args.hr_size, "tasks": ["glyph"]}},
+             "data": {"synth": {"n": 1_000_000, "seed": 11, "image_size": args.hr_size, "tasks": ["glyphs"]}},
              "lr": args.hr_lr, "weight_decay": 0.05, "warmup_ratio": 0.05, "batch_size": 64,
              "steps": args.hr_steps,
-             "contrastive": {"embed_dim": 128, "text_width": 128, "text_layers": 1, "text_heads": 4}}
+             "contrastive": {"embed_dim": 128, "text_width": 128, "text_layers": 1, "text_heads": 4,
+                             "pool": args.hr_pool}}
     return base_recipe(args, out, name, init, stage)
 
 
@@ -206,12 +212,12 @@ def main(argv: list[str] | None = None) -> int:
             "--seed", str(TEST_SEED), "--image-size", str(args.hr_size))
     for name in arms:
         final, wall = run(name, arm_recipe(args, out, name, base if name == "lr" else inits[name]))
-        ev, _ = cli(args, "eval", "--model", str(final), "--data", str(test), "--json",
+        ev, _ = cli(args, "eval", "--model", str(final), "--data", str(test), "--json", "--dtype", "fp32",
                     "--predictions", str(out / f"{name}.predictions.jsonl"))
         res["arms"][name] = {"train_s": wall, "eval": json.loads(ev), "checkpoint": str(final),
                              "samples_per_s": mean_samples_per_s(final.parent),
                              "tokens": load_model(final).tokens_per_image}
-    save_results(out, res, table(res))
+        save_results(out, res, table(res))  # after every arm: a cut-off run keeps what finished
     return 0
 
 

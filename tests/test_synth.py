@@ -60,6 +60,11 @@ def expected_answer(scene: Scene, question: str) -> str:
     if m := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
         (o,) = [o for o in objs if (o.color, o.shape) == (m[1], m[2])]
         return POSITION_NAMES[o.cell]
+    if m := re.fullmatch(r"What is at the ([a-z ]+)\?", question):
+        (o,) = [o for o in objs if POSITION_NAMES[o.cell] == m[1]]
+        return synth.gen_prompt(o.color, o.shape)
+    if question == "What is written in the image?":
+        return ", ".join(o.glyph for o in sorted(objs, key=lambda o: o.cell) if o.glyph is not None)
     if m := re.fullmatch(r"What is written on the (\w+) (\w+)\?", question):
         (o,) = [o for o in objs if (o.color, o.shape) == (m[1], m[2])]
         assert o.glyph is not None
@@ -82,7 +87,7 @@ def test_every_answer_matches_its_scene() -> None:
             assert a.content == expected_answer(scene, question), (i, question)
             if category not in ("caption", "conversation"):
                 assert a.content == a.content.lower() and "." not in a.content
-    assert set(seen) == set(CATEGORIES) - {"generation"}, seen  # generation: weight 0 by default
+    assert set(seen) == set(CATEGORIES) - {"generation", "glyphs", "object"}, seen  # opt-in
 
 
 def test_caption_names_every_object() -> None:
@@ -406,3 +411,27 @@ def test_generation_tokenizer_corpus() -> None:
             total["gen"] += len(ids)
             total["synth"] += len(plain.encode(text))
     assert total["gen"] < 0.7 * total["synth"], total
+
+
+def test_glyphs_task_reads_every_glyph_in_order() -> None:
+    """`glyphs` (drawn only when asked for): every scene has a glyph, and the answer lists
+    all of them in grid order."""
+    for i in range(60):
+        scene, category, messages = make_conversation(i, seed=3, tasks=["glyphs"])
+        assert category == "glyphs"
+        marked = [o for o in scene.objects if o.glyph is not None]
+        assert marked and messages[0].content == "<image>\nWhat is written in the image?"
+        assert messages[1].content.split(", ") == [o.glyph for o in sorted(marked, key=lambda o: o.cell)]
+
+
+def test_object_task_names_what_is_at_a_place() -> None:
+    """`object` (opt-in): "What is at the left?" -> the object there, worded as a drawing
+    prompt ("an orange circle"); only occupied cells are asked about."""
+    seen = set()
+    for i in range(80):
+        scene, category, messages = make_conversation(i, seed=4, tasks=["object"])
+        assert category == "object" and len(messages) == 2
+        q = messages[0].content.removeprefix("<image>\n")
+        assert messages[1].content == expected_answer(scene, q)
+        seen.add(messages[1].content.split()[0])
+    assert seen == {"a", "an"}

@@ -28,16 +28,20 @@ from minigem.fileio import atomic_write
 
 CATEGORIES: tuple[str, ...] = (
     "caption", "color", "shape", "count", "position", "existence", "glyph", "conversation",
-    "generation",
+    "generation", "glyphs", "object",
 )
-# Fixed mix of categories (renormalised over the `tasks` a caller keeps). `generation` has
-# weight 0 so the default mix (and every existing record) is unchanged: it is drawn only when
-# a config's `mix` names it, or when `tasks` names it (then with GENERATION_TASK_WEIGHT).
+# Fixed mix of categories (renormalised over the `tasks` a caller keeps). `generation`,
+# `glyphs` and `object` have weight 0 so the default mix (and every existing record) is
+# unchanged: each is drawn only when a config's `mix` names it, or when `tasks` names it (then
+# with its TASK_WEIGHT).
 MIX: dict[str, float] = {
     "caption": 0.15, "color": 0.1, "shape": 0.1, "count": 0.1, "position": 0.1,
-    "existence": 0.1, "glyph": 0.15, "conversation": 0.2, "generation": 0.0,
+    "existence": 0.1, "glyph": 0.15, "conversation": 0.2, "generation": 0.0, "glyphs": 0.0,
+    "object": 0.0,
 }
 GENERATION_TASK_WEIGHT = 0.15
+TASK_WEIGHT: dict[str, float] = {"generation": GENERATION_TASK_WEIGHT, "glyphs": 0.15, "object": 0.1}
+GLYPHS_PROMPT = "What is written in the image?"
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
@@ -200,6 +204,11 @@ def caption(scene: Scene) -> str:
     return head + body + "."
 
 
+def read_glyphs(scene: Scene) -> str:
+    """Every glyph in the scene in reading order (grid order), comma-separated: "3, a"."""
+    return ", ".join(o.glyph for o in scene.objects if o.glyph is not None)
+
+
 QA = tuple[str, str]
 
 
@@ -256,6 +265,13 @@ def _ask_glyph(scene: Scene, rng: random.Random) -> QA | None:
     return f"What is written on the {o.color} {o.shape}?", o.glyph  # type: ignore[return-value]
 
 
+def _ask_object(scene: Scene, rng: random.Random) -> QA:
+    """The reverse of `position`: which object is at a place (an occupied cell). The answer is
+    worded as a drawing prompt ("an orange circle"), as in-context generation requests need."""
+    o = rng.choice(scene.objects)
+    return f"What is at the {o.position}?", gen_prompt(o.color, o.shape)
+
+
 ASKERS: dict[str, Callable[[Scene, random.Random], QA | None]] = {
     "color": _ask_color, "shape": _ask_shape, "count": _ask_count,
     "position": _ask_position, "existence": _ask_existence, "glyph": _ask_glyph,
@@ -294,17 +310,21 @@ def make_conversation(
     """
     keep = _check_tasks(tasks if mix is None else list(mix))
     weights = MIX if mix is None else mix
-    if mix is None and tasks is not None and "generation" in keep:
-        weights = {**MIX, "generation": GENERATION_TASK_WEIGHT}
+    if mix is None and tasks is not None:
+        weights = {**MIX, **{t: w for t, w in TASK_WEIGHT.items() if t in keep}}
     rng = random.Random(f"minigem-synth/{seed}/{index}")
     category = rng.choices(keep, weights=[weights[c] for c in keep])[0]
     if category == "generation":
         scene, messages = _generation(rng)
         return scene, category, messages
     for _ in range(50):
-        scene = make_scene(rng, need_glyph=category == "glyph")
+        scene = make_scene(rng, need_glyph=category in ("glyph", "glyphs"))
         if category == "caption":
             turns: list[QA] = [(CAPTION_PROMPT, caption(scene))]
+        elif category == "glyphs":
+            turns = [(GLYPHS_PROMPT, read_glyphs(scene))]
+        elif category == "object":
+            turns = [_ask_object(scene, rng)]
         elif category == "conversation":
             turns = _conversation(scene, rng, max_turns)
         else:
