@@ -54,11 +54,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # ----------------------------------------------------------------------------- variants
 
 
-SYNC = [lambda: None]  # torch.cuda.synchronize when the benchmark runs on a GPU
-
-
 def _now() -> tuple[float, float]:
-    SYNC[0]()
+    if torch.cuda.is_initialized():  # the benchmark runs on a GPU: wait for its kernels
+        torch.cuda.synchronize()
     return time.perf_counter(), time.process_time()
 
 
@@ -164,8 +162,6 @@ def _peak_tracker(device: str):
 def worker(impl: str, size: str, dtype_name: str, repeats: int, quick: bool, out_path: str,
            device: str = "cpu", chunk_cells: int | None = None):
     dtype = DTYPES[dtype_name]
-    if device == "cuda":
-        SYNC[0] = torch.cuda.synchronize
     torch.manual_seed(0)
     scale = 4 if quick else 1  # quick: 4x smaller maps and 4x fewer tokens
     side_hr = (768 if size == "768" else 1536) // scale
@@ -294,9 +290,6 @@ def main() -> None:
     where = (torch.cuda.get_device_name() if a.device == "cuda"
              else f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"torch {torch.__version__}, threads {a.threads}, {where}, chunk_cells {a.chunk_cells or 'default'}")
-    if a.device == "cuda":
-        SYNC[0] = torch.cuda.synchronize
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 rows are true fp32 on both sides
     peaks = {name: peak_gflops(DTYPES[name], a.quick, a.device) for name in ("fp32", "bf16")}
     print("matmul peak GFLOP/s (wall; per CPU-second): "
           + ", ".join(f"{k} {w:.1f}; {c:.1f}" for k, (w, c) in peaks.items()))  # fmt: skip

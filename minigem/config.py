@@ -179,12 +179,10 @@ class ContrastiveConfig(StrictModel):
     text_heads: int = 4
     max_text_tokens: int = 96
     temperature: float = 0.07  # initial; learnable
-    # How the towers' feature maps become one image vector: `mean` (CLIP's average), `max`
+    # How the towers' feature maps become one image vector: `mean` (CLIP's average) or `max`
     # (per channel over all positions: a small detail anywhere in the image, a 5x7-pixel glyph,
-    # drives its own channels instead of being averaged away), or `region` (the HR map averaged
-    # over each LR token's sub-region, then the max over those regions: the detail must show in
-    # the mean of its whole region, which is what patch mining's attention starts from).
-    pool: Literal["mean", "max", "region"] = "mean"
+    # drives its own channels instead of being averaged away).
+    pool: Literal["mean", "max"] = "mean"
 
 
 class StageConfig(StrictModel):

@@ -27,14 +27,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import yaml
 
 from minigem.checkpoints.native import load_model, save_model
-from minigem.training.runs import mean_samples_per_s, run_cli, save_results, train_recipe
+from minigem.training.runs import (
+    ablation_parser,
+    mean_samples_per_s,
+    run_cli,
+    save_results,
+    train_recipe,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_SEED = 20261124
@@ -44,15 +49,11 @@ HR_SIZE = 96
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", default=str(ROOT / "minigem" / "assets" / "tiny-shapes"),
-                    help="the LLaVA native checkpoint every arm starts from")
-    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "tiny-shapes.yaml"),
-                    help="recipe whose `instruct` stage mix is reused (glyph weight raised)")
-    ap.add_argument("--out", default="runs/ablate-mgm")
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap = ablation_parser(__doc__.splitlines()[0], base=str(ROOT / "minigem" / "assets" / "tiny-shapes"),
+                         base_help="the LLaVA native checkpoint every arm starts from",
+                         recipe=str(ROOT / "recipes" / "tiny-shapes.yaml"),
+                         recipe_help="recipe whose `instruct` stage mix is reused (glyph weight raised)",
+                         out="runs/ablate-mgm", steps=1500, lr=5e-4, data_seed=5)
     ap.add_argument("--glyph-weight", type=float, default=0.3, help="glyph share of the training mix")
     ap.add_argument("--hr-size", type=int, default=HR_SIZE)
     ap.add_argument("--hr-steps", type=int, default=0,
@@ -60,11 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--freeze-hr", action="store_true",
                     help="keep the HR tower frozen in the mgm arms (MGM's own recipe; use with --hr-steps)")
     ap.add_argument("--hr-lr", type=float, default=2e-3)
-    ap.add_argument("--hr-pool", choices=["max", "mean", "region"], default="max",
+    ap.add_argument("--hr-pool", choices=["max", "mean"], default="max",
                     help="how the HR map is pooled for the contrastive loss")
-    ap.add_argument("--data-seed", type=int, default=5, help="synth seed of the training data")
-    ap.add_argument("--n-test", type=int, default=1000)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--num-workers", type=int, default=0, help="data loader processes (training)")
     ap.add_argument("--arms", default="lr,mgm", help="comma-separated subset of lr,mgm,mgm-hd")
     return ap.parse_args(argv)

@@ -23,13 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import yaml
 
-from minigem.training.runs import mean_samples_per_s, run_cli, save_results, train_recipe
+from minigem.training.runs import (
+    ablation_parser,
+    mean_samples_per_s,
+    run_cli,
+    save_results,
+    train_recipe,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_SEED = 20261123
@@ -38,19 +43,13 @@ MOE = {"num_experts": 4, "top_k": 2, "layers": "sparse", "capacity_factor": None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", default="runs/tiny-shapes/final", help="dense stage-II native checkpoint")
-    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "tiny-shapes.yaml"),
-                    help="recipe whose `instruct` stage data block is reused")
-    ap.add_argument("--out", default="runs/ablate-moe")
     # ~5 min per branch on 2 cores: instruct runs at ~100 samples/s at batch 32 -> 300 * 100 / 32
-    ap.add_argument("--steps", type=int, default=900)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--data-seed", type=int, default=4, help="synth seed of the training data")
-    ap.add_argument("--n-test", type=int, default=1000)
+    ap = ablation_parser(__doc__.splitlines()[0], base="runs/tiny-shapes/final",
+                         base_help="dense stage-II native checkpoint",
+                         recipe=str(ROOT / "recipes" / "tiny-shapes.yaml"),
+                         recipe_help="recipe whose `instruct` stage data block is reused",
+                         out="runs/ablate-moe", steps=900, lr=2e-4, data_seed=4)
     ap.add_argument("--routing-limit", type=int, default=300, help="test records for inspect-routing")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--branches", default="dense,moe,dense-wide", help="comma-separated subset")
     return ap.parse_args(argv)
 

@@ -76,8 +76,8 @@ class PatchMiningConnector(Connector):
         self.projector = make_projector(projector, vision_dim, llm_dim)
         # HR cells normalised and projected per step (whole token rows of one image): bounds
         # the temporaries. None = 2048 on CPU (cache-sized, measured), 8192 elsewhere (on an
-        # H100 as fast as whole-map steps, with 2.2x less peak memory at HD bf16 than the
-        # straightforward version where 65536 gave 1.2x: docs/BENCHMARKS.md).
+        # H100, 2.2x less peak memory at HD bf16 than the straightforward version where 65536
+        # gave 1.2x; the time difference was not resolved: docs/BENCHMARKS.md).
         self.chunk_cells = chunk_cells
 
     # ------------------------------------------------------------------ public

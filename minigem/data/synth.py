@@ -39,8 +39,7 @@ MIX: dict[str, float] = {
     "existence": 0.1, "glyph": 0.15, "conversation": 0.2, "generation": 0.0, "glyphs": 0.0,
     "object": 0.0,
 }
-GENERATION_TASK_WEIGHT = 0.15
-TASK_WEIGHT: dict[str, float] = {"generation": GENERATION_TASK_WEIGHT, "glyphs": 0.15, "object": 0.1}
+TASK_WEIGHT: dict[str, float] = {"generation": 0.15, "glyphs": 0.15, "object": 0.1}
 GLYPHS_PROMPT = "What is written in the image?"
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 COLORS: dict[str, tuple[int, int, int]] = {

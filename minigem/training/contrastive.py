@@ -53,12 +53,10 @@ class ContrastiveHeads(nn.Module):
 
 def pooled_image_features(model, batch: dict[str, Any], towers: list[str],
                           pool: str = "mean") -> torch.Tensor:
-    """Features of the chosen towers pooled over positions, concatenated: [B, C (+ C_hr)].
-
-    pool: `mean`, `max`, or `region` (HR map: mean over each LR token's sub-region, then max
-    over the regions; the LR tokens, already one per region, take the max)."""
-    if pool not in ("mean", "max", "region"):
-        raise ValueError(f"contrastive pool must be 'mean', 'max' or 'region', got {pool!r}")
+    """Features of the chosen towers pooled over positions (`mean` or `max`), concatenated:
+    [B, C (+ C_hr)]."""
+    if pool not in ("mean", "max"):
+        raise ValueError(f"contrastive pool must be 'mean' or 'max', got {pool!r}")
     parts = []
     n = batch["input_ids"].shape[0]
     if "vision" in towers or "vision_aux" not in towers:
@@ -66,14 +64,7 @@ def pooled_image_features(model, batch: dict[str, Any], towers: list[str],
         low = low.reshape(n, -1, low.shape[-1])
         parts.append(low.mean(1) if pool == "mean" else low.amax(1))
     if "vision_aux" in towers:
-        high = model.vision_tower_aux(batch["pixel_values_aux"])  # [B, C_hr, h, w]
-        if pool == "region":
-            side = math.isqrt(model.connector.num_tokens(model.vision_tower.num_patches))
-            if high.shape[-1] % side or high.shape[-2] % side:
-                raise ValueError(f"contrastive pool 'region': the HR map {tuple(high.shape[-2:])} "
-                                 f"does not split into the {side}x{side} LR token grid")
-            high = F.avg_pool2d(high, (high.shape[-2] // side, high.shape[-1] // side))
-        high = high.flatten(2)  # [B, C_hr, positions]
+        high = model.vision_tower_aux(batch["pixel_values_aux"]).flatten(2)  # [B, C_hr, h*w]
         parts.append(high.mean(2) if pool == "mean" else high.amax(2))
     return torch.cat(parts, -1)
 

@@ -80,10 +80,11 @@ class Trainer:
         # The device decides bf16 before the one Accelerator exists: accelerate refuses a second
         # Accelerator with another mixed_precision in the same process, so a previous run's
         # precision (an earlier Trainer in this process) is cleared; the process group stays.
-        device = PartialState(cpu=not torch.cuda.is_available()).device
-        bf16 = use_bf16(self.cfg.bf16, device)
+        cpu = not torch.cuda.is_available()
+        bf16 = use_bf16(self.cfg.bf16, PartialState(cpu=cpu).device)
         AcceleratorState._reset_state(reset_partial_state=False)
-        self.acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
+        self.acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=cpu)
+        self.engine = None  # the current stage's prepared model (FSDP/DeepSpeed wrap it)
         self.out = Path(self.cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "recipe.yaml").write_text(recipe_text or dump_yaml(recipe))
@@ -279,11 +280,10 @@ class Trainer:
         every process makes it); None when the model's own state_dict is already whole."""
         from accelerate.utils import DistributedType
 
-        engine = getattr(self, "engine", None)
-        if engine is None or self.acc.distributed_type not in (DistributedType.FSDP,
-                                                                 DistributedType.DEEPSPEED):
+        if self.engine is None or self.acc.distributed_type not in (DistributedType.FSDP,
+                                                                      DistributedType.DEEPSPEED):
             return None
-        return self.acc.get_state_dict(engine)
+        return self.acc.get_state_dict(self.engine)
 
     def _save(self, stage: int, step: int, opt, sched, heads) -> None:
         full = self._full_state()

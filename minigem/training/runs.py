@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -10,6 +11,24 @@ import time
 from pathlib import Path
 
 import yaml
+
+
+def ablation_parser(description: str, *, base: str, base_help: str, recipe: str, recipe_help: str,
+                    out: str, steps: int, lr: float, data_seed: int) -> argparse.ArgumentParser:
+    """The options every ablation script shares: the starting checkpoint and recipe, where
+    results go, the per-arm budget (steps, batch, lr), the training data seed, the test split
+    size and the thread count. Scripts add their own on top."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--base", default=base, help=base_help)
+    ap.add_argument("--recipe", default=recipe, help=recipe_help)
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--steps", type=int, default=steps, help="optimiser steps per arm")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--data-seed", type=int, default=data_seed, help="synth seed of the training data")
+    ap.add_argument("--n-test", type=int, default=1000, help="records in the test split")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    return ap
 
 
 def run_cli(argv: list[str] | tuple[str, ...], threads: int, cwd: str | Path | None = None) -> tuple[str, float]:
