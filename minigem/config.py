@@ -205,6 +205,8 @@ class StageConfig(StrictModel):
     steps: int | None = Field(None, gt=0)
     epochs: float | None = Field(None, gt=0)
     max_grad_norm: float | None = 1.0
+    # batches of records of similar length (less padding; HF TrainingArguments' name)
+    group_by_length: bool = False
     upcycle: bool = False  # dense -> MoE transition at the start of this stage
     contrastive: ContrastiveConfig = Field(default_factory=ContrastiveConfig)  # kind=contrastive
 
@@ -269,6 +271,9 @@ class RecipeConfig(StrictModel):
             if diffusion and (s.data.synth is None or any(c not in T2I_COMPONENTS for c in s.train)):
                 raise ValueError(f"stage {s.name}: a diffusion stage trains {list(T2I_COMPONENTS)} "
                                  "on `synth` data")
+            if diffusion and s.group_by_length:
+                raise ValueError(f"stage {s.name}: group_by_length is for `lm` and `contrastive` "
+                                 "stages (a diffusion stage's prompts are all short)")
             if not diffusion and any(c in T2I_COMPONENTS for c in s.train):
                 raise ValueError(f"stage {s.name}: {list(T2I_COMPONENTS)} are trained by diffusion stages")
         return self

@@ -142,6 +142,8 @@ def test_recipe_validation():
         load_recipe(RECIPE, ["training.stages.diffusion.kind=lm"])
     with pytest.raises(ConfigError, match="diffusion stage trains"):
         load_recipe(RECIPE, ["training.stages.diffusion.train=[llm]"])
+    with pytest.raises(ConfigError, match="group_by_length is for"):
+        load_recipe(RECIPE, ["training.stages.diffusion.group_by_length=true"])
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

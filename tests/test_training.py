@@ -220,6 +220,75 @@ def test_batch_order_resumes_exactly():
     assert all(not set(a) & set(b) for a, b in zip(r0, r1, strict=True))
 
 
+def test_group_by_length_batches_similar_lengths_and_resumes():
+    import random
+
+    from minigem.training.data import ResumableBatchSampler
+
+    rng = random.Random(0)
+    lens = [rng.choice((5, 6, 40, 60)) + rng.randrange(3) for _ in range(100)]
+    kw = {"seed": 5, "total": 30, "lengths": lens.__getitem__, "group": 4}
+    full = list(ResumableBatchSampler(100, 4, **kw))  # 25 batches per epoch, then epoch 1
+    assert len(full) == 30 and all(len(b) == 4 for b in full)
+    assert sorted(i for b in full[:25] for i in b) == list(range(100))  # every record once
+    for k in (0, 3, 4, 7, 24, 25, 29):  # resumes inside, at and across mega-batches and epochs
+        assert list(ResumableBatchSampler(100, 4, start=k, **kw)) == full[k:]
+    plain = list(ResumableBatchSampler(100, 4, seed=5, total=25))
+    # the same records as the plain order mega-batch by mega-batch, with far less padding
+    for lo, hi in [(0, 4), (4, 8), (20, 24), (24, 25)]:  # the last mega-batch is short
+        assert sorted(i for b in full[lo:hi] for i in b) == sorted(i for b in plain[lo:hi] for i in b)
+
+    def padded(batches):
+        return sum(len(b) * max(lens[i] for i in b) for b in batches)
+
+    assert padded(full[:25]) < 0.7 * padded(plain)
+    assert full[:25] != sorted(full[:25], key=lambda b: -max(lens[i] for i in b))  # shuffled
+    # two ranks of 2 split the same global batches that one rank of 4 sees
+    ranks = [list(ResumableBatchSampler(100, 2, rank=r, world=2, **kw)) for r in (0, 1)]
+    assert [sorted(a + b) for a, b in zip(*ranks, strict=True)] == [sorted(b) for b in full]
+
+
+def test_length_proxies_need_no_pixels(tmp_path, monkeypatch):
+    import minigem.data.synth as synth
+    from minigem.data.llava_json import LlavaJsonDataset
+
+    src = synth.SynthSource(50, 3, 96, None, {"color": 1, "conversation": 1, "generation": 1})
+    monkeypatch.setattr(synth, "render", None)  # drawing would fail
+    lens = {i: src.length(i, tokens_per_image=9) for i in range(50)}
+    monkeypatch.undo()
+    for i, n in lens.items():
+        msgs = src[i].messages
+        words = sum(len(m.content.split()) for m in msgs)
+        assert n == words + 8 * sum(m.content.count("<image>") for m in msgs)
+    by_cat = {}
+    for i, n in lens.items():
+        by_cat.setdefault(src[i].category, []).append(n)
+    assert max(by_cat["color"]) < min(by_cat["conversation"])
+    (tmp_path / "a.png").write_bytes(b"")  # unreadable: length must not open it
+    rows = [{"id": "r0", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    assert LlavaJsonDataset(tmp_path / "d.json").length(0, tokens_per_image=4) == 3 + 4  # 3 words, 4 visual tokens
+
+
+def test_group_by_length_trains_and_resumes_exactly(tmp_path):
+    stage = {**INSTRUCT, "group_by_length": True, "batch_size": 2, "steps": 4,
+             "data": {"synth": {"n": 32, "seed": 3, "image_size": 96,
+                                "mix": {"color": 1, "conversation": 1}}}}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _train(tiny_recipe(tmp_path / "a", [stage]))
+    recipe = tiny_recipe(tmp_path / "b", [stage])
+    _train(recipe, "--stop-after", "3")
+    _train(recipe, "--resume")
+    a, b = _weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    (tmp_path / "c").mkdir()  # the option is used: the same stage without it sees other batches
+    _train(tiny_recipe(tmp_path / "c", [{**stage, "group_by_length": False}]))
+    c = _weights(tmp_path / "c" / "run")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
 def test_sampler_needs_one_batch():
     from minigem.errors import DataError
     from minigem.training.data import ResumableBatchSampler

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from minigem.data.records import Message, Sample
+from minigem.data.records import Message, Sample, text_length
 from minigem.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class LlavaJsonDataset:
                  skip_bad: bool = False, image_token: str = "<image>") -> None:
         self.path = Path(path)
         self.image_folder = Path(image_folder) if image_folder else self.path.parent
-        self.skip_bad = skip_bad
+        self.skip_bad, self.image_token = skip_bad, image_token
         self.records: list[RawRecord] = []
         self.skipped = 0
         for i, row in enumerate(read_records(self.path)):
@@ -127,6 +127,11 @@ class LlavaJsonDataset:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def length(self, i: int, tokens_per_image: int) -> int:
+        """Record i's length proxy (`text_length`), from its text alone: no image is read."""
+        rec = self.records[i]
+        return text_length(rec.messages, tokens_per_image, self.image_token)
 
     def load(self, i: int) -> Sample:
         rec = self.records[i]

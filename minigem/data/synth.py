@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from minigem.data.records import Message, Sample
+from minigem.data.records import Message, Sample, text_length
 from minigem.errors import DataError
 from minigem.fileio import atomic_write
 
@@ -510,6 +510,15 @@ class SynthSource:
             raise IndexError(f"index {i} out of range for SynthSource of size {self.n}")
         return make_sample(i % self.n, self.seed, self.image_size, self._tasks, self.mix,
                            self.max_turns, self.scene_as_text)
+
+    def length(self, i: int, tokens_per_image: int) -> int:
+        """Record i's length proxy (`text_length`), from its text alone: nothing is drawn."""
+        scene, _, messages = make_conversation(i % self.n, self.seed, self._tasks, self.mix,
+                                               self.max_turns)
+        if self.scene_as_text:
+            text = caption(scene)
+            messages = [Message(m.role, m.content.replace("<image>", text)) for m in messages]
+        return text_length(messages, tokens_per_image)
 
 
 # ---------------------------------------------------------------- files

@@ -198,9 +198,13 @@ class Trainer:
         params = [p for p in engine.parameters() if p.requires_grad]
         if heads is not None:
             params += list(heads.parameters())
+        lengths = None
+        if stage.group_by_length:
+            lengths = partial(ds.length, tokens_per_image=model.tokens_per_image)
         sampler = ResumableBatchSampler(len(ds), stage.batch_size, self.cfg.seed + 7919 * idx,
                                         start=start * stage.grad_accum, total=total * stage.grad_accum,
-                                        rank=acc.process_index, world=acc.num_processes)
+                                        rank=acc.process_index, world=acc.num_processes,
+                                        lengths=lengths)
         pad = model.tokenizer.pad_token_id or 0
         loader = DataLoader(ds, batch_sampler=sampler, collate_fn=partial(collate, pad_id=pad),
                             num_workers=self.cfg.num_workers)
