@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--hr-lr", type=float, default=2e-3)
     ap.add_argument("--hr-pool", choices=["max", "mean"], default="max",
                     help="how the HR map is pooled for the contrastive loss")
+    ap.add_argument("--hr-only", action="store_true",
+                    help="stop after the HR pretraining (OUT/runs/hr-pretrain/final; see scripts/probe_mining.py)")
     ap.add_argument("--num-workers", type=int, default=0, help="data loader processes (training)")
     ap.add_argument("--arms", default="lr,mgm", help="comma-separated subset of lr,mgm,mgm-hd")
     return ap.parse_args(argv)
@@ -190,13 +192,18 @@ def main(argv: list[str] | None = None) -> int:
                            "hr_trained_in_arms": not args.freeze_hr},
                  "arms": {}}
     inits: dict[str, Path] = {}
-    if any(a.startswith("mgm") for a in arms):
+    if args.hr_only and args.hr_steps <= 0:
+        raise SystemExit("--hr-only needs --hr-steps N (N > 0)")
+    if args.hr_only or any(a.startswith("mgm") for a in arms):
         fresh = write_mgm_init(base, out / "init" / "mgm-fresh", args.hr_size, hd=False)
         hr_final = fresh
         if args.hr_steps > 0:  # pretrain the HR tower once (the contrastive stage trains only it)
             hr_final, wall = run("hr-pretrain", hr_pretrain_recipe(args, out, fresh, "hr-pretrain"))
             res["setup"]["hr_pretrain_s"] = wall
         inits["mgm"] = hr_final
+        if args.hr_only:
+            print(f"HR tower pretrained: {hr_final}")
+            return 0
         if "mgm-hd" in arms:  # the same pretrained tower and mining init, HD processing
             hd = write_mgm_init(base, out / "init" / "mgm-hd-fresh", args.hr_size, hd=True)
             model = load_model(hd)

@@ -98,3 +98,34 @@ def test_run_helpers(tmp_path):
     assert out.strip() == str(tmp_path / "d" / "data.json") and wall > 0
     with pytest.raises(SystemExit, match="failed \\(2\\): eval --data"):
         run_cli(["eval", "--data", str(tmp_path / "missing.json")], threads=1)
+
+
+def test_probe_mining_reimplements_the_mining_and_runs(tiny_tokenizer, tmp_path, capsys):
+    """scripts/probe_mining.py: its `attn` variant is the model's patch mining (same weights, same
+    output), and the probe runs every kind of variant on a tiny Mini-Gemini."""
+    from conftest import mgm_config
+
+    probe = load_script("probe_mining")
+    torch.manual_seed(0)
+    model = build_tiny_model(mgm_config(), tiny_tokenizer).eval()
+    q, reg, y = probe.features(model, 6, seed=1)
+    assert len(y) >= 6 and q.shape[1] == model.connector.vision_dim and reg.shape[1:] == (model.connector.aux_dim, 16)  # M = 4
+    mine = probe.ModelMining(model)
+    with torch.no_grad():
+        mine.v[1].weight.normal_()
+        mine.v[1].bias.normal_()
+        attn = probe.Attn(q.shape[1], reg.shape[1], {"vrand"})
+        attn.q.load_state_dict(mine.q.state_dict())
+        attn.k.load_state_dict(mine.k.state_dict())
+        attn.v.load_state_dict(mine.v.state_dict())
+        torch.testing.assert_close(attn(q, reg), mine(q, reg), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(mine(q, reg), q)
+    path = save_model(model, tmp_path / "mgm")
+    assert probe.main(["--model", str(path), "--variants", "mining,max,attn-noln-temp-h4",
+                       "--steps", "4", "--report", "2", "--train-scenes", "8", "--test-scenes", "4",
+                       "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| mining |" in out and "| max |" in out and "| attn-noln-temp-h4 |" in out
+    with pytest.raises(SystemExit, match="unknown variant"):
+        probe.main(["--model", str(path), "--variants", "attn-wide", "--steps", "1",
+                    "--train-scenes", "2", "--test-scenes", "2"])
