@@ -18,7 +18,8 @@ Variants:
 - max / mean: per-channel max / mean over the sub-region (no mining; what pooling can read);
 - attn[-opts]: the same attention written here, with options joined by '-': `noln` (no
               LayerNorm on the keys), `temp` (a learned inverse temperature, from 1), `h4`
-              (4 heads), `vrand` (value projection at its random init, not zero).
+              (4 heads), `vrand` (value projection at its random init, not zero), `big` (Q and K
+              projections initialised 4x larger: scores 16x larger from the start).
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ class Attn(nn.Module):
         self.k = nn.Sequential(nn.Identity() if "noln" in opts else nn.LayerNorm(c_hr), nn.Linear(c_hr, c))
         self.v = nn.Sequential(nn.LayerNorm(c_hr), nn.Linear(c_hr, c))
         self.log_temp = nn.Parameter(torch.zeros(())) if "temp" in opts else None
+        if "big" in opts:  # Q and K projections 4x their nn.Linear init: 16x larger scores
+            with torch.no_grad():
+                self.q[1].weight.mul_(4)
+                self.k[1].weight.mul_(4)
         if "vrand" not in opts:
             nn.init.zeros_(self.v[1].weight)
             nn.init.zeros_(self.v[1].bias)
@@ -131,7 +136,7 @@ def build(variant: str, model, c: int, c_hr: int) -> tuple[nn.Module, int]:
     if variant in ("max", "mean"):
         return Pool(variant), c_hr
     name, *opts = variant.split("-")
-    if name != "attn" or not set(opts) <= {"noln", "temp", "h4", "vrand"}:
+    if name != "attn" or not set(opts) <= {"noln", "temp", "h4", "vrand", "big"}:
         raise SystemExit(f"unknown variant {variant!r}")
     return Attn(c, c_hr, set(opts)), c
 

@@ -129,3 +129,18 @@ def test_probe_mining_reimplements_the_mining_and_runs(tiny_tokenizer, tmp_path,
     with pytest.raises(SystemExit, match="unknown variant"):
         probe.main(["--model", str(path), "--variants", "attn-wide", "--steps", "1",
                     "--train-scenes", "2", "--test-scenes", "2"])
+
+
+def test_hr_only_pretrains_the_hr_tower_and_stops(base, tmp_path, capsys):
+    mod = _script()
+    out = tmp_path / "abl"
+    with pytest.raises(SystemExit, match="--hr-only needs --hr-steps"):
+        mod.main(["--base", str(base), "--out", str(out), "--hr-only"])
+    assert mod.main(["--base", str(base), "--out", str(out), "--hr-only", "--hr-steps", "1",
+                     "--batch-size", "4", "--threads", "1"]) == 0
+    final = out / "runs" / "hr-pretrain" / "final"
+    assert f"HR tower pretrained: {final}" in capsys.readouterr().out
+    assert not (out / "runs" / "lr").exists() and not (out / "ablation.json").exists()
+    pre = load_model(final).vision_tower_aux.state_dict()
+    fresh = load_model(out / "init" / "mgm-fresh").vision_tower_aux.state_dict()
+    assert any(not torch.equal(pre[k], fresh[k]) for k in pre)
