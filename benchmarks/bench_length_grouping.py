@@ -57,7 +57,7 @@ def main() -> None:
     }
     times: dict[str, list[float]] = {k: [] for k in loaders}
     padding: dict[str, list[float]] = {k: [] for k in loaders}
-    for name, it in loaders.items():  # warm-up step each
+    for it in loaders.values():  # warm-up step each
         out = model(**{k: v for k, v in next(it).items() if k != "category"})
         out.loss.backward()
         opt.zero_grad()

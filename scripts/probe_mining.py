@@ -29,7 +29,6 @@ import math
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,31 +37,46 @@ from torch import nn
 from minigem.checkpoints.native import load_model
 from minigem.data.synth import GLYPHS, make_scene, render
 
+SIDE = 3  # the world's grid: one LR token per cell
 
-def features(model, n_scenes: int, seed: int, batch: int = 64):
-    """Per glyphed object: (query [C], sub-region [C_hr, M*M], glyph id)."""
-    side, hr_size = 3, model.processor.hr_size
+
+def sub_regions(high: torch.Tensor, image: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+    """HR map [n, C_hr, H, W] -> each object's sub-region [k, C_hr, M*M] (object k is in image
+    image[k], grid cell cell[k])."""
+    m = high.shape[-1] // SIDE
+    blocks = high.unflatten(2, (SIDE, m)).unflatten(4, (SIDE, m))  # [n, C, 3, M, 3, M]
+    blocks = blocks.permute(0, 2, 4, 1, 3, 5).flatten(1, 2).flatten(3)  # [n, 9, C, M*M]
+    return blocks[image, cell]
+
+
+def features(model, n_scenes: int, seed: int, batch: int = 64, keep_pixels: bool = False):
+    """Per glyphed object: (query [C], sub-region [C_hr, M*M], glyph id); with keep_pixels, the
+    sub-region is replaced by (the HR pixels of every scene, object -> scene, object -> cell)."""
+    hr_size = model.processor.hr_size
     rng = random.Random(seed)
-    qs, regions, labels = [], [], []
+    qs, regions, labels, pixels, image, cell = [], [], [], [], [], []
     with torch.no_grad():
         for b0 in range(0, n_scenes, batch):
             scenes = [make_scene(rng, need_glyph=True) for _ in range(min(batch, n_scenes - b0))]
             pix = model.processor([render(s, max(hr_size, 96)) for s in scenes])  # resized to hr_size
             low = model.connector.pooled(model.vision_tower(pix["pixel_values"]))  # [b, 9, C]
-            if low.shape[1] != side * side:
+            if low.shape[1] != SIDE * SIDE:
                 raise SystemExit(f"the probe needs one visual token per cell of the world's 3x3 grid; "
                                  f"this model has {low.shape[1]} per image")
-            high = model.vision_tower_aux(pix["pixel_values_aux"])  # [b, C_hr, H, W]
-            m = high.shape[-1] // side
-            for i, s in enumerate(scenes):
-                for o in s.objects:
-                    if o.glyph is None:
-                        continue
-                    r, c = divmod(o.cell, side)
-                    qs.append(low[i, o.cell])
-                    regions.append(high[i, :, r * m:(r + 1) * m, c * m:(c + 1) * m].reshape(high.shape[1], -1))
-                    labels.append(GLYPHS.index(o.glyph))
-    return torch.stack(qs), torch.stack(regions), torch.tensor(labels)
+            objs = [(i, o) for i, s in enumerate(scenes) for o in s.objects if o.glyph is not None]
+            idx = torch.tensor([i for i, _ in objs])
+            cells = torch.tensor([o.cell for _, o in objs])
+            qs.append(low[idx, cells])
+            labels += [GLYPHS.index(o.glyph) for _, o in objs]
+            if keep_pixels:
+                image.append(idx + b0)
+                cell.append(cells)
+                pixels.append(pix["pixel_values_aux"])
+            else:
+                regions.append(sub_regions(model.vision_tower_aux(pix["pixel_values_aux"]), idx, cells))
+    if keep_pixels:
+        return torch.cat(qs), (torch.cat(pixels), torch.cat(image), torch.cat(cell)), torch.tensor(labels)
+    return torch.cat(qs), torch.cat(regions), torch.tensor(labels)
 
 
 class Attn(nn.Module):
@@ -144,9 +158,22 @@ def build(variant: str, model, c: int, c_hr: int) -> tuple[nn.Module, int]:
 def run(variant: str, model, train, test, args) -> dict:
     torch.manual_seed(args.seed)
     q, reg, y = train
-    reader, dim = build(variant, model, q.shape[-1], reg.shape[1])
+    tower = model.vision_tower_aux
+    if args.train_hr:  # regions from the HR tower at every step, the tower training too
+        pixels, image, cell = reg
+        tower.train()
+
+        def region(idx):
+            used, inverse = image[idx].unique(return_inverse=True)
+            return sub_regions(tower(pixels[used]), inverse, cell[idx])
+    else:
+        def region(idx):
+            return reg[idx]
+    reader, dim = build(variant, model, q.shape[-1], tower.out_channels)
     head = nn.Linear(dim, len(GLYPHS))
     params = [p for p in [*reader.parameters(), *head.parameters()]]
+    if args.train_hr:
+        params += list(tower.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -154,7 +181,7 @@ def run(variant: str, model, train, test, args) -> dict:
     t0, hits, curve = time.perf_counter(), [], []
     for step in range(1, args.steps + 1):
         idx = torch.randint(len(y), (args.batch,), generator=g)
-        logits = head(reader(q[idx], reg[idx]))
+        logits = head(reader(q[idx], region(idx)))
         loss = F.cross_entropy(logits, y[idx])
         opt.zero_grad()
         loss.backward()
@@ -162,8 +189,12 @@ def run(variant: str, model, train, test, args) -> dict:
         hits.append((logits.argmax(-1) == y[idx]).float().mean().item())
         if step % args.report == 0:
             curve.append((step, sum(hits[-args.report:]) / args.report))
+    tower.eval()
     with torch.no_grad():
         qt, rt, yt = test
+        if args.train_hr:
+            rt = torch.cat([sub_regions(tower(rt[0][rt[1][k:k + 64]]), torch.arange(len(rt[1][k:k + 64])),
+                                        rt[2][k:k + 64]) for k in range(0, len(yt), 64)])
         logits = head(reader(qt, rt))
         acc = (logits.argmax(-1) == yt).float().mean().item()
         att = reader.attn
@@ -182,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-scenes", type=int, default=3000)
     ap.add_argument("--test-scenes", type=int, default=500)
     ap.add_argument("--report", type=int, default=100, help="steps per point of the training curve")
+    ap.add_argument("--train-hr", action="store_true",
+                    help="train the HR tower too (through the reader), from the checkpoint's weights; "
+                         "one variant per run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -193,13 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     for p in model.parameters():
         p.requires_grad_(False)
     t0 = time.perf_counter()
-    train = features(model, args.train_scenes, seed=1000 + args.seed)
-    test = features(model, args.test_scenes, seed=2000 + args.seed)
-    print(f"features: {len(train[2])} train / {len(test[2])} test objects, query {tuple(train[0].shape[1:])}, "
-          f"sub-region {tuple(train[1].shape[1:])} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.train_hr and len(variants) != 1:
+        raise SystemExit("--train-hr trains the tower: give one variant")
+    train = features(model, args.train_scenes, seed=1000 + args.seed, keep_pixels=args.train_hr)
+    test = features(model, args.test_scenes, seed=2000 + args.seed, keep_pixels=args.train_hr)
+    print(f"features: {len(train[2])} train / {len(test[2])} test objects, query {tuple(train[0].shape[1:])}"
+          f"{', HR tower training' if args.train_hr else ''} ({time.perf_counter() - t0:.0f} s)", flush=True)
     print("| variant | test acc | train acc by step | mean peak attention | s |")
     print("|---|---:|---|---:|---:|")
-    for v in [v.strip() for v in args.variants.split(",") if v.strip()]:
+    for v in variants:
         r = run(v, model, train, test, args)
         curve = ", ".join(f"{s}: {a:.0%}" for s, a in r["curve"])
         print(f"| {v} | {r['test_acc']:.1%} | {curve} | {r['attn_peak']:.3f} | {r['seconds']:.0f} |", flush=True)

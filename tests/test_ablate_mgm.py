@@ -126,6 +126,18 @@ def test_probe_mining_reimplements_the_mining_and_runs(tiny_tokenizer, tmp_path,
                        "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "| mining |" in out and "| max |" in out and "| attn-noln-temp-h4 |" in out
+    # --train-hr: the HR tower trains with the reader (its weights move), one variant at a time
+    before = {k: v.clone() for k, v in model.vision_tower_aux.state_dict().items()}
+    model2 = load_model(path)
+    train = probe.features(model2, 4, seed=1, keep_pixels=True)
+    test = probe.features(model2, 2, seed=2, keep_pixels=True)
+    ns = type("Args", (), {"seed": 0, "lr": 1e-2, "batch": 4, "steps": 3, "report": 3, "train_hr": True})()
+    r = probe.run("attn", model2, train, test, ns)
+    assert 0.0 <= r["test_acc"] <= 1.0
+    after = model2.vision_tower_aux.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(SystemExit, match="give one variant"):
+        probe.main(["--model", str(path), "--variants", "attn,max", "--train-hr", "--steps", "1"])
     with pytest.raises(SystemExit, match="unknown variant"):
         probe.main(["--model", str(path), "--variants", "attn-wide", "--steps", "1",
                     "--train-scenes", "2", "--test-scenes", "2"])
