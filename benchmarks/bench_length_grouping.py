@@ -28,6 +28,7 @@ from minigem.config import load_recipe
 from minigem.data.collate import SampleEncoder, collate
 from minigem.training.data import EncodedDataset, ResumableBatchSampler, open_source
 from minigem.training.loop import make_optimizer
+from minigem.training.stages import apply_stage
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-shapes.yaml"
 
@@ -41,10 +42,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     stage = next(s for s in load_recipe(RECIPE).training.stages if s.name == "instruct")
     model = minigem.load()
-    model.train()
-    model.vision_tower.eval()
-    for p in model.vision_tower.parameters():
-        p.requires_grad_(False)
+    apply_stage(model, stage)  # what the stage trains (connector + LLM), the tower frozen
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], stage)
     ds = EncodedDataset(open_source(stage.data), SampleEncoder.for_model(model))
     pad = model.tokenizer.pad_token_id or 0

@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [a for a in arms if a not in ("lr", "mgm", "mgm-hd")]
     if bad:
         raise SystemExit(f"unknown arm(s) {bad}; valid: lr, mgm, mgm-hd")
+    if args.hr_only and args.hr_steps <= 0:
+        raise SystemExit("--hr-only needs --hr-steps N (N > 0)")
     (out / "recipes").mkdir(parents=True, exist_ok=True)
 
     def run(name: str, recipe: dict) -> tuple[Path, float]:
@@ -192,8 +194,6 @@ def main(argv: list[str] | None = None) -> int:
                            "hr_trained_in_arms": not args.freeze_hr},
                  "arms": {}}
     inits: dict[str, Path] = {}
-    if args.hr_only and args.hr_steps <= 0:
-        raise SystemExit("--hr-only needs --hr-steps N (N > 0)")
     if args.hr_only or any(a.startswith("mgm") for a in arms):
         fresh = write_mgm_init(base, out / "init" / "mgm-fresh", args.hr_size, hd=False)
         hr_final = fresh

@@ -171,7 +171,7 @@ def run(variant: str, model, train, test, args) -> dict:
             return reg[idx]
     reader, dim = build(variant, model, q.shape[-1], tower.out_channels)
     head = nn.Linear(dim, len(GLYPHS))
-    params = [p for p in [*reader.parameters(), *head.parameters()]]
+    params = [*reader.parameters(), *head.parameters()]
     if args.train_hr:
         params += list(tower.parameters())
     for p in params:

@@ -463,6 +463,16 @@ def _generation(rng: random.Random) -> tuple[Scene, list[Message]]:
     return scene, [Message("user", user), Message("assistant", answer)]
 
 
+def _record_text(index: int, seed: int, tasks: list[str] | None, mix: dict[str, float] | None,
+                 max_turns: int, scene_as_text: bool) -> tuple[Scene, str, list[Message]]:
+    """make_conversation, with the scene's caption in place of the image if scene_as_text."""
+    scene, category, messages = make_conversation(index, seed, tasks, mix, max_turns)
+    if scene_as_text:
+        text = caption(scene)
+        messages = [Message(m.role, m.content.replace("<image>", text)) for m in messages]
+    return scene, category, messages
+
+
 def make_sample(
     index: int, seed: int, image_size: int = 128, tasks: list[str] | None = None,
     mix: dict[str, float] | None = None, max_turns: int = 4, scene_as_text: bool = False,
@@ -471,10 +481,7 @@ def make_sample(
 
     scene_as_text: the same record with the scene's caption in place of the image (no pixels).
     """
-    scene, category, messages = make_conversation(index, seed, tasks, mix, max_turns)
-    if scene_as_text:
-        text = caption(scene)
-        messages = [Message(m.role, m.content.replace("<image>", text)) for m in messages]
+    scene, category, messages = _record_text(index, seed, tasks, mix, max_turns, scene_as_text)
     has_image = any("<image>" in m.content for m in messages)
     return Sample(
         id=f"synth-{seed}-{index:07d}", messages=messages,
@@ -513,11 +520,8 @@ class SynthSource:
 
     def length(self, i: int, tokens_per_image: int) -> int:
         """Record i's length proxy (`text_length`), from its text alone: nothing is drawn."""
-        scene, _, messages = make_conversation(i % self.n, self.seed, self._tasks, self.mix,
-                                               self.max_turns)
-        if self.scene_as_text:
-            text = caption(scene)
-            messages = [Message(m.role, m.content.replace("<image>", text)) for m in messages]
+        _, _, messages = _record_text(i % self.n, self.seed, self._tasks, self.mix, self.max_turns,
+                                      self.scene_as_text)
         return text_length(messages, tokens_per_image)
 
 
