@@ -17,6 +17,9 @@ count are the same in every arm; only the connector's input differs.
            The HR tower is pretrained first, CLIP-style, on images paired with the glyph they
            show (a `contrastive` stage, train [vision_aux]), then frozen; the arm trains
            [connector, llm] (mining + projector + LLM), as MGM's stage 2 does;
+           `--mgm-init DIR` starts the mgm arms from a Mini-Gemini checkpoint of the same base
+           instead (e.g. tower + mining pretrained on glyph targets by `probe_mining.py
+           --train-hr --variants mining --save DIR`);
 - mgm-hd:  as mgm with HD token extension (image_grid 2 + a global view: 5x the tokens, HR
            side doubled), from the same pretrained HR tower.
 
@@ -65,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="how the HR map is pooled for the contrastive loss")
     ap.add_argument("--hr-only", action="store_true",
                     help="stop after the HR pretraining (OUT/runs/hr-pretrain/final; see scripts/probe_mining.py)")
+    ap.add_argument("--mgm-init", metavar="DIR",
+                    help="start the mgm arms from this Mini-Gemini checkpoint (HR tower and mining as it "
+                         "has them, e.g. `probe_mining.py --train-hr --save DIR`) instead of a fresh HR "
+                         "tower; the rest of the model must be --base's")
     ap.add_argument("--num-workers", type=int, default=0, help="data loader processes (training)")
     ap.add_argument("--arms", default="lr,mgm", help="comma-separated subset of lr,mgm,mgm-hd")
     return ap.parse_args(argv)
@@ -119,6 +126,25 @@ def write_mgm_init(base: Path, dst: Path, hr_size: int, hd: bool) -> Path:
     return save_model(model, dst)
 
 
+def check_mgm_init(base: Path, init: Path) -> None:
+    """--mgm-init must be a Mini-Gemini checkpoint built on --base: the same LR tower and LLM
+    (weights may have moved only where the mining, projector or HR tower are)."""
+    import torch
+
+    if not (init / "config.json").is_file():
+        raise SystemExit(f"--mgm-init {init}: not a model directory")
+    model = load_model(init)
+    if model.vision_tower_aux is None or model.config.connector.type != "patch_mining":
+        raise SystemExit(f"--mgm-init {init}: not a Mini-Gemini (patch mining) checkpoint")
+    mine, theirs = model.state_dict(), load_model(base).state_dict()
+    moved = sorted(k for k, v in theirs.items()
+                   if k.startswith(("vision_tower.", "language_model."))
+                   and (k not in mine or not torch.equal(v, mine[k])))
+    if moved:
+        raise SystemExit(f"--mgm-init {init}: its LR tower / LLM differ from --base {base} "
+                         f"({len(moved)} tensors, e.g. {moved[0]})")
+
+
 def base_recipe(args: argparse.Namespace, out: Path, name: str, init_from: Path, stage: dict) -> dict:
     return {"training": {"output_dir": str(out / "runs" / name), "seed": 0, "bf16": "auto",
                          "num_workers": args.num_workers,
@@ -161,8 +187,12 @@ def table(res: dict) -> str:
                    for c in cats)]
         lines.append("| " + " | ".join(cells) + " |")
     s = res["setup"]
-    hr = (f"HR tower pretrained {s['hr_steps']} steps ({s['hr_pretrain_s']:.0f} s, not counted in the "
-          f"arms' budget)" if s["hr_steps"] else "HR tower from random init")
+    if s.get("mgm_init"):
+        hr = f"mgm arms from `{s['mgm_init']}` (its HR tower and mining, not counted in the arms' budget)"
+    elif s["hr_steps"]:
+        hr = f"HR tower pretrained {s['hr_steps']} steps ({s['hr_pretrain_s']:.0f} s, not counted in the arms' budget)"
+    else:
+        hr = "HR tower from random init"
     hr += ", trained in the mgm arms" if s["hr_trained_in_arms"] else ", frozen in the mgm arms"
     head_line = (f"Base `{s['base']}`; every arm {s['steps']} steps x batch {s['batch_size']}, lr {s['lr']} "
                  f"cosine, synth seed {s['data_seed']} at {s['hr_size']} px, glyph share {s['glyph_weight']}; "
@@ -182,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown arm(s) {bad}; valid: lr, mgm, mgm-hd")
     if args.hr_only and args.hr_steps <= 0:
         raise SystemExit("--hr-only needs --hr-steps N (N > 0)")
+    mgm_init = None
+    if args.mgm_init:
+        if args.hr_steps > 0 or args.hr_only:
+            raise SystemExit("--mgm-init brings its own HR tower: drop --hr-steps / --hr-only")
+        mgm_init = Path(args.mgm_init).resolve()
+        check_mgm_init(base, mgm_init)
     (out / "recipes").mkdir(parents=True, exist_ok=True)
 
     def run(name: str, recipe: dict) -> tuple[Path, float]:
@@ -191,14 +227,14 @@ def main(argv: list[str] | None = None) -> int:
                            "lr": args.lr, "data_seed": args.data_seed, "glyph_weight": args.glyph_weight,
                            "hr_size": args.hr_size, "hr_steps": args.hr_steps, "n_test": args.n_test,
                            "threads": args.threads, "hr_tower": HR_TOWER, "hr_pretrain_s": 0.0,
-                           "hr_trained_in_arms": not args.freeze_hr},
+                           "hr_trained_in_arms": not args.freeze_hr,
+                           "mgm_init": str(mgm_init) if mgm_init else None},
                  "arms": {}}
     inits: dict[str, Path] = {}
     if args.hr_only or any(a.startswith("mgm") for a in arms):
-        fresh = write_mgm_init(base, out / "init" / "mgm-fresh", args.hr_size, hd=False)
-        hr_final = fresh
+        hr_final = mgm_init or write_mgm_init(base, out / "init" / "mgm-fresh", args.hr_size, hd=False)
         if args.hr_steps > 0:  # pretrain the HR tower once (the contrastive stage trains only it)
-            hr_final, wall = run("hr-pretrain", hr_pretrain_recipe(args, out, fresh, "hr-pretrain"))
+            hr_final, wall = run("hr-pretrain", hr_pretrain_recipe(args, out, hr_final, "hr-pretrain"))
             res["setup"]["hr_pretrain_s"] = wall
         inits["mgm"] = hr_final
         if args.hr_only:

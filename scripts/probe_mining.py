@@ -2,6 +2,7 @@
 """Can patch mining pass a glyph on? Direct-supervision probes on a frozen Mini-Gemini model.
 
     python scripts/probe_mining.py --model MGM_DIR [--variants mining,max,mean] [--steps 600]
+    python scripts/probe_mining.py --model MGM_DIR --variants mining --train-hr --save DIR
 
 MGM_DIR is a native Mini-Gemini checkpoint whose towers are kept frozen, e.g. the HR-pretrained
 init that `scripts/ablate_mgm.py --hr-steps 1500 --hr-only` writes to OUT/runs/hr-pretrain/final.
@@ -10,7 +11,10 @@ and their features are kept in memory. Each glyphed object is one example: the L
 grid cell (after the connector's pooling and position embedding: the mining's query) and that
 token's M x M sub-region of the HR map. A variant reads the sub-region into one vector, a linear
 head maps it to the glyph (chance 1/16), and only the variant and the head train (AdamW,
-cross-entropy). Accuracy is measured on objects of held-out scenes.
+cross-entropy). Accuracy is measured on objects of held-out scenes. With --train-hr the HR tower
+trains too; with --save (and the `mining` variant) the model with its tower and mining layers as
+trained is written out: a glyph-supervised pretraining of tower + mining, the init that
+`scripts/ablate_mgm.py --mgm-init DIR` starts its mgm arm from.
 
 Variants:
 - mining:     the model's own patch-mining layers (LayerNorm+Linear Q/K/V, one head, 1/sqrt(C)),
@@ -34,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigem.checkpoints.native import load_model
+from minigem.checkpoints.native import load_model, save_model
 from minigem.data.synth import GLYPHS, make_scene, render
 
 SIDE = 3  # the world's grid: one LR token per cell
@@ -216,9 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-hr", action="store_true",
                     help="train the HR tower too (through the reader), from the checkpoint's weights; "
                          "one variant per run")
+    ap.add_argument("--save", metavar="DIR",
+                    help="with --train-hr and the `mining` variant: write the model, its HR tower and "
+                         "mining layers as trained here, as a native checkpoint (an init for "
+                         "`ablate_mgm.py --mgm-init`)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    if args.save and (not args.train_hr or args.variants.strip() != "mining"):
+        raise SystemExit("--save writes the model's own trained layers: use it with --train-hr --variants mining")
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     if model.vision_tower_aux is None or not hasattr(model.connector, "vlm_uni_query_projector"):
@@ -240,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         r = run(v, model, train, test, args)
         curve = ", ".join(f"{s}: {a:.0%}" for s, a in r["curve"])
         print(f"| {v} | {r['test_acc']:.1%} | {curve} | {r['attn_peak']:.3f} | {r['seconds']:.0f} |", flush=True)
+    if args.save:
+        print(f"saved: {save_model(model.eval(), args.save)}")
     return 0
 
 

@@ -156,3 +156,50 @@ def test_hr_only_pretrains_the_hr_tower_and_stops(base, tmp_path, capsys):
     pre = load_model(final).vision_tower_aux.state_dict()
     fresh = load_model(out / "init" / "mgm-fresh").vision_tower_aux.state_dict()
     assert any(not torch.equal(pre[k], fresh[k]) for k in pre)
+
+
+def test_probe_save_and_mgm_init(base, tiny_tokenizer, tmp_path, capsys):
+    """probe_mining --train-hr --save writes the model with its tower and mining as trained;
+    ablate_mgm --mgm-init starts the mgm arm from such an init (and refuses what is not an MGM
+    of --base)."""
+    from conftest import mgm_config
+
+    probe, mod = load_script("probe_mining"), _script()
+    init = save_model(build_tiny_model(mgm_config(), tiny_tokenizer), tmp_path / "probe-init")
+    saved = tmp_path / "mined"
+    with pytest.raises(SystemExit, match="--save writes"):
+        probe.main(["--model", str(init), "--variants", "max", "--save", str(saved)])
+    assert probe.main(["--model", str(init), "--variants", "mining", "--train-hr", "--save", str(saved),
+                       "--steps", "2", "--report", "1", "--train-scenes", "4", "--test-scenes", "2",
+                       "--lr", "1e-2", "--threads", "1"]) == 0
+    assert f"saved: {saved}" in capsys.readouterr().out
+    before, after = load_model(init).state_dict(), load_model(saved).state_dict()
+    for prefix in ("vision_tower_aux.", "connector.vlm_uni_val_projector."):  # trained: moved
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
+    for prefix in ("vision_tower.", "language_model."):  # frozen: kept
+        assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
+
+    # an MGM init of --base whose HR tower has moved, as a pretraining leaves it
+    model = load_model(mod.write_mgm_init(base, tmp_path / "fresh", 96, hd=False))
+    with torch.no_grad():
+        for p in model.vision_tower_aux.parameters():
+            p.add_(0.01)
+    mined = save_model(model, tmp_path / "mgm-mined")
+    out = tmp_path / "abl"
+    with pytest.raises(SystemExit, match="not a Mini-Gemini"):
+        mod.main(["--base", str(base), "--out", str(out), "--mgm-init", str(base)])
+    with pytest.raises(SystemExit, match="drop --hr-steps"):
+        mod.main(["--base", str(base), "--out", str(out), "--mgm-init", str(mined), "--hr-steps", "2"])
+    src = load_model(base)
+    other = save_model(build_tiny_model(src.config, src.tokenizer, seed=9), tmp_path / "other")
+    with pytest.raises(SystemExit, match="differ from --base"):
+        mod.main(["--base", str(other), "--out", str(out), "--mgm-init", str(mined)])
+    assert mod.main(["--base", str(base), "--out", str(out), "--mgm-init", str(mined), "--freeze-hr",
+                     "--arms", "mgm", "--steps", "1", "--batch-size", "2", "--n-test", "4", "--threads", "1"]) == 0
+    res = json.loads((out / "ablation.json").read_text())
+    assert res["setup"]["mgm_init"] == str(mined.resolve())
+    assert f"init_from: {mined.resolve()}" in (out / "recipes" / "mgm.yaml").read_text()
+    assert not (out / "init" / "mgm-fresh").exists()
+    want = model.vision_tower_aux.state_dict()
+    got = load_model(out / "runs" / "mgm" / "final").vision_tower_aux.state_dict()
+    assert all(torch.equal(want[k], v) for k, v in got.items())
