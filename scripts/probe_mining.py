@@ -53,6 +53,13 @@ def sub_regions(high: torch.Tensor, image: torch.Tensor, cell: torch.Tensor) -> 
     return blocks[image, cell]
 
 
+def hr_regions(tower: nn.Module, pixels: torch.Tensor, image: torch.Tensor, cell: torch.Tensor,
+               idx: torch.Tensor) -> torch.Tensor:
+    """Sub-regions of objects idx from the HR tower run now (each scene once): the --train-hr path."""
+    used, inverse = image[idx].unique(return_inverse=True)
+    return sub_regions(tower(pixels[used]), inverse, cell[idx])
+
+
 def features(model, n_scenes: int, seed: int, batch: int = 64, keep_pixels: bool = False):
     """Per glyphed object: (query [C], sub-region [C_hr, M*M], glyph id); with keep_pixels, the
     sub-region is replaced by (the HR pixels of every scene, object -> scene, object -> cell)."""
@@ -164,12 +171,10 @@ def run(variant: str, model, train, test, args) -> dict:
     q, reg, y = train
     tower = model.vision_tower_aux
     if args.train_hr:  # regions from the HR tower at every step, the tower training too
-        pixels, image, cell = reg
         tower.train()
 
         def region(idx):
-            used, inverse = image[idx].unique(return_inverse=True)
-            return sub_regions(tower(pixels[used]), inverse, cell[idx])
+            return hr_regions(tower, *reg, idx)
     else:
         def region(idx):
             return reg[idx]
@@ -197,8 +202,8 @@ def run(variant: str, model, train, test, args) -> dict:
     with torch.no_grad():
         qt, rt, yt = test
         if args.train_hr:
-            rt = torch.cat([sub_regions(tower(rt[0][rt[1][k:k + 64]]), torch.arange(len(rt[1][k:k + 64])),
-                                        rt[2][k:k + 64]) for k in range(0, len(yt), 64)])
+            rt = torch.cat([hr_regions(tower, *rt, torch.arange(k, min(k + 64, len(yt))))
+                            for k in range(0, len(yt), 64)])
         logits = head(reader(qt, rt))
         acc = (logits.argmax(-1) == yt).float().mean().item()
         att = reader.attn
@@ -227,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    if args.save and (not args.train_hr or args.variants.strip() != "mining"):
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.train_hr and len(variants) != 1:
+        raise SystemExit("--train-hr trains the tower: give one variant")
+    if args.save and (not args.train_hr or variants != ["mining"]):
         raise SystemExit("--save writes the model's own trained layers: use it with --train-hr --variants mining")
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
@@ -237,9 +245,6 @@ def main(argv: list[str] | None = None) -> int:
     for p in model.parameters():
         p.requires_grad_(False)
     t0 = time.perf_counter()
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if args.train_hr and len(variants) != 1:
-        raise SystemExit("--train-hr trains the tower: give one variant")
     train = features(model, args.train_scenes, seed=1000 + args.seed, keep_pixels=args.train_hr)
     test = features(model, args.test_scenes, seed=2000 + args.seed, keep_pixels=args.train_hr)
     print(f"features: {len(train[2])} train / {len(test[2])} test objects, query {tuple(train[0].shape[1:])}"
