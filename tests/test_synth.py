@@ -87,7 +87,7 @@ def test_every_answer_matches_its_scene() -> None:
             assert a.content == expected_answer(scene, question), (i, question)
             if category not in ("caption", "conversation"):
                 assert a.content == a.content.lower() and "." not in a.content
-    assert set(seen) == set(CATEGORIES) - {"generation", "glyphs", "object"}, seen  # opt-in
+    assert set(seen) == set(CATEGORIES) - {"generation", "glyphs", "object", "gen_context"}, seen
 
 
 def test_caption_names_every_object() -> None:
@@ -286,10 +286,13 @@ def _span(answer: str) -> str:
     return inner
 
 
-def test_generation_records_are_well_formed_and_match_the_scene() -> None:
+@pytest.mark.parametrize("task", ["generation", "gen_context"])
+def test_generation_records_are_well_formed_and_match_the_scene(task: str) -> None:
+    """`gen_context` (opt-in) draws only requests about the scene image; its records are
+    `generation` records (scored as such by `minigem eval`)."""
     kinds: Counter[str] = Counter()
     for i in range(400):
-        scene, category, messages = make_conversation(i, seed=5, tasks=["generation"])
+        scene, category, messages = make_conversation(i, seed=5, tasks=[task])
         assert category == "generation" and [m.role for m in messages] == ["user", "assistant"]
         request, answer = messages[0].content, messages[1].content
         assert request.endswith(" <GEN>") and request.count("<GEN>") == 1
@@ -325,8 +328,13 @@ def test_generation_records_are_well_formed_and_match_the_scene() -> None:
                 assert POSITION_NAMES[o.cell] in prompt
         else:
             raise AssertionError(f"unexpected request {q!r}")
+        kinds[q.split()[1] + " " + q.split()[2]] += 1  # "the object", "the red", "a picture", ...
         assert objs  # the scene is the picture the request refers to
-    assert min(kinds.values()) > 120, kinds
+    if task == "generation":
+        assert min(kinds["recaption"], kinds["in_context"]) > 120, kinds
+    else:
+        assert kinds["recaption"] == 0 and kinds["in_context"] == 400, kinds
+        assert kinds["the object"] > 60 and kinds["a picture"] > 20, kinds  # by position, whole scene
 
 
 def test_generation_needs_naming_and_leaves_other_records_unchanged() -> None:

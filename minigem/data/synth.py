@@ -28,18 +28,19 @@ from minigem.fileio import atomic_write
 
 CATEGORIES: tuple[str, ...] = (
     "caption", "color", "shape", "count", "position", "existence", "glyph", "conversation",
-    "generation", "glyphs", "object",
+    "generation", "glyphs", "object", "gen_context",
 )
 # Fixed mix of categories (renormalised over the `tasks` a caller keeps). `generation`,
-# `glyphs` and `object` have weight 0 so the default mix (and every existing record) is
+# `glyphs`, `object` and `gen_context` have weight 0 so the default mix (and every existing record) is
 # unchanged: each is drawn only when a config's `mix` names it, or when `tasks` names it (then
 # with its TASK_WEIGHT).
 MIX: dict[str, float] = {
     "caption": 0.15, "color": 0.1, "shape": 0.1, "count": 0.1, "position": 0.1,
     "existence": 0.1, "glyph": 0.15, "conversation": 0.2, "generation": 0.0, "glyphs": 0.0,
-    "object": 0.0,
+    "object": 0.0, "gen_context": 0.0,
 }
-TASK_WEIGHT: dict[str, float] = {"generation": 0.15, "glyphs": 0.15, "object": 0.1}
+TASK_WEIGHT: dict[str, float] = {"generation": 0.15, "glyphs": 0.15, "object": 0.1,
+                                 "gen_context": 0.15}
 GLYPHS_PROMPT = "What is written in the image?"
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -313,9 +314,10 @@ def make_conversation(
         weights = {**MIX, **{t: w for t, w in TASK_WEIGHT.items() if t in keep}}
     rng = random.Random(f"minigem-synth/{seed}/{index}")
     category = rng.choices(keep, weights=[weights[c] for c in keep])[0]
-    if category == "generation":
-        scene, messages = _generation(rng)
-        return scene, category, messages
+    if category in ("generation", "gen_context"):
+        # `gen_context` draws only the in-context kind; its records are generation records
+        scene, messages = _generation(rng, in_context=True if category == "gen_context" else None)
+        return scene, "generation", messages
     for _ in range(50):
         scene = make_scene(rng, need_glyph=category in ("glyph", "glyphs"))
         if category == "caption":
@@ -443,9 +445,12 @@ def _in_context(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
     return (f"draw a picture like this one but with the {o.shape} in {new}", " and ".join(parts))
 
 
-def _generation(rng: random.Random) -> tuple[Scene, list[Message]]:
-    """A generation record: (scene, messages); re-caption requests carry no image."""
-    in_context = rng.random() < 0.5
+def _generation(rng: random.Random, in_context: bool | None = None,
+                ) -> tuple[Scene, list[Message]]:
+    """A generation record: (scene, messages); re-caption requests carry no image.
+    in_context: None draws the kind (half each); True only requests about the scene image."""
+    if in_context is None:
+        in_context = rng.random() < 0.5
     scene = make_scene(rng)
     if in_context:
         for _ in range(50):
