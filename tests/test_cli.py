@@ -207,7 +207,7 @@ def test_data_synth_tasks_and_size(tmp_path, capsys):
     (["--n", "0"], "error: --n must be at least 1"),
     (["--n", "2", "--tasks", "color,colour"],
      "error: --tasks: unknown categories ['colour']; valid: caption, color, shape, count, position, "
-     "existence, glyph, conversation, generation, glyphs, object"),
+     "existence, glyph, conversation, generation, glyphs, object, gen_context"),
 ])
 def test_data_synth_errors(tmp_path, capsys, args, message):
     code, _, err = _run(capsys, "data", "synth", "--out", str(tmp_path / "x"), *args)
