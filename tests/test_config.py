@@ -40,8 +40,10 @@ def _recipe(**training) -> dict:
 
 def test_bundled_recipe_loads():
     r = load_recipe(TINY_SHAPES)
-    assert [s.name for s in r.training.stages] == ["contrastive", "instruct"]
+    assert [s.name for s in r.training.stages] == ["contrastive", "instruct", "polish"]
     assert r.training.stages[0].kind == "contrastive"
+    assert r.training.stages[2].train == ["vision", "connector", "llm"]
+    assert r.training.stages[2].data.synth.mix["gen_context"] == 0.25
     assert r.training.stages[1].adam_beta2 == 0.95 and r.model.connector.pool == 2
     assert r.model.llm.config["initializer_range"] == 0.07
     assert r.model.llm.arch == "llama" and r.model.llm.config["hidden_size"] == 192
@@ -93,8 +95,8 @@ def test_override_values_are_yaml_typed():
 @pytest.mark.parametrize("override, message", [
     ("training.stages.nope.lr=1",
      "override training.stages.nope: no list element named 'nope'; "
-     "names: ['contrastive', 'instruct']"),
-    ("training.stages.5.lr=1", "override training.stages.5: index 5 out of range (len 2)"),
+     "names: ['contrastive', 'instruct', 'polish']"),
+    ("training.stages.5.lr=1", "override training.stages.5: index 5 out of range (len 3)"),
     ("noequals", "override 'noequals': expected KEY=VALUE (e.g. training.seed=1)"),
     ("training.seed.x=1", "override training.seed.x: training.seed is not a mapping"),
 ])
