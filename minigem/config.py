@@ -208,6 +208,8 @@ class StageConfig(StrictModel):
     # batches of records of similar length (less padding; HF TrainingArguments' name)
     group_by_length: bool = False
     upcycle: bool = False  # dense -> MoE transition at the start of this stage
+    # end the stage with an exponential moving average of its trainable weights (minigem.training.ema)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
     contrastive: ContrastiveConfig = Field(default_factory=ContrastiveConfig)  # kind=contrastive
 
     @model_validator(mode="after")

@@ -189,3 +189,19 @@ def test_cli_train_resume_and_quality_script(tmp_path, capsys):
     assert report["n"] == 3 and len(report["items"]) == 3
     assert 0 <= report["color_match"] <= 1 and 0 <= report["shape_match"] <= 1
     assert len(list((tmp_path / "imgs").glob("*.png"))) == 3
+
+
+def test_diffusion_stage_weight_average_resumes_exactly(tmp_path, capsys):
+    def train(out: Path, *extra: str) -> dict[str, torch.Tensor]:
+        args = ["train", str(RECIPE), f"training.output_dir={out}", "training.stages.diffusion.steps=3", *TINY]
+        for call in (extra or ((),)):
+            assert main([*args, *call]) == 0
+        return _weights(out / "final")
+
+    ema = ("training.stages.diffusion.ema_decay=0.5",)
+    plain = train(tmp_path / "plain")
+    averaged = train(tmp_path / "ema", ema)
+    resumed = train(tmp_path / "resumed", (*ema, "--stop-after", "2"), (*ema, "--resume"))
+    capsys.readouterr()
+    assert all(torch.equal(averaged[k], resumed[k]) for k in averaged)
+    assert any(not torch.equal(averaged[k], plain[k]) for k in averaged)

@@ -26,6 +26,16 @@ def rng_state() -> dict[str, Any]:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
+def trainer_state(stage: int, step: int, history: list[dict], opt=None, sched=None, ema=None,
+                  **extra: Any) -> dict[str, Any]:
+    """What trainer_state.pt holds: the position, RNG, log history, optimiser, schedule and
+    weight average (None where the stage has none, and at a stage boundary)."""
+    return {"stage": stage, "step": step, "rng": rng_state(), "history": history,
+            "optimizer": opt.state_dict() if opt is not None else None,
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "ema": ema.state_dict() if ema is not None else None, **extra}
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])

@@ -27,11 +27,12 @@ from minigem.config import RecipeConfig, StageConfig, dump_yaml
 from minigem.training.checkpoint import (
     latest_checkpoint,
     resume_point,
-    rng_state,
     save_checkpoint,
     set_rng_state,
+    trainer_state,
 )
 from minigem.training.data import ResumableBatchSampler
+from minigem.training.ema import WeightAverage
 from minigem.training.loop import make_optimizer, make_scheduler, stage_steps
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ class DiffusionTrainer:
             sched.load_state_dict(state["scheduler"])
         else:
             torch.manual_seed(self.cfg.seed * 1000 + idx)
+        ema = WeightAverage.for_stage(params, stage.ema_decay, state)
         sampler = ResumableBatchSampler(len(data), stage.batch_size * stage.grad_accum, s.seed + idx,
                                         start=start, total=total)
         loader = DataLoader(data, batch_sampler=sampler, collate_fn=_collate,
@@ -177,6 +179,8 @@ class DiffusionTrainer:
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
             step += 1
             seen += x_all.shape[0]
             if step % self.cfg.log_every == 0 or step == total:
@@ -193,9 +197,11 @@ class DiffusionTrainer:
             if self.budget is not None:
                 self.budget -= 1
             if step % self.cfg.save_every == 0 or self.budget == 0:
-                self._save(idx, step, opt, sched)
+                self._save(idx, step, opt, sched, ema)
             if self.budget == 0 and step < total:
                 return False
+        if ema is not None:
+            ema.finish(stage.name)
         self._save(idx + 1, 0, None, None)
         return True
 
@@ -222,11 +228,9 @@ class DiffusionTrainer:
         self._log({"stage": stage.name, "step": step, "proxy_color_match": rate})
         log.info("%s step %d: colour match %.1f%% on %d proxy prompts", stage.name, step, 100 * rate, len(items))
 
-    def _save(self, stage: int, step: int, opt, sched) -> None:
-        state = {"stage": stage, "step": step, "rng": rng_state(), "history": self.history,
-                 "optimizer": opt.state_dict() if opt is not None else None,
-                 "scheduler": sched.state_dict() if sched is not None else None}
-        save_checkpoint(self.out, self.model, state, write=_write_weights)
+    def _save(self, stage: int, step: int, opt, sched, ema=None) -> None:
+        save_checkpoint(self.out, self.model, trainer_state(stage, step, self.history, opt, sched, ema),
+                        write=_write_weights)
 
     def _log(self, rec: dict) -> None:
         self.history.append(rec)

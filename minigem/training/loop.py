@@ -26,11 +26,12 @@ from minigem.data.collate import SampleEncoder, collate
 from minigem.training.checkpoint import (
     latest_checkpoint,
     resume_point,
-    rng_state,
     save_checkpoint,
     set_rng_state,
+    trainer_state,
 )
 from minigem.training.data import EncodedDataset, ResumableBatchSampler, open_source
+from minigem.training.ema import WeightAverage
 from minigem.training.stages import apply_stage
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,13 @@ class Trainer:
         params = [p for p in engine.parameters() if p.requires_grad]
         if heads is not None:
             params += list(heads.parameters())
+        if stage.ema_decay is not None:
+            from accelerate.utils import DistributedType
+
+            if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                raise ValueError(f"stage {stage.name!r}: ema_decay works with one process or DDP, "
+                                 f"not with {acc.distributed_type.value} (sharded weights)")
+        ema = WeightAverage.for_stage(params, stage.ema_decay, state)
         lengths = None
         if stage.group_by_length:
             lengths = partial(ds.length, tokens_per_image=model.tokens_per_image)
@@ -252,6 +260,8 @@ class Trainer:
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
             step += 1
             if bar is not None:
                 bar.update(1)
@@ -267,13 +277,15 @@ class Trainer:
             if self.budget is not None:
                 self.budget -= 1
             if step % self.cfg.save_every == 0 or self.budget == 0:
-                self._save(idx, step, opt, sched, heads)
+                self._save(idx, step, opt, sched, heads, ema)
             if self.budget == 0 and step < total:
                 if bar is not None:
                     bar.close()
                 return False
         if bar is not None:
             bar.close()
+        if ema is not None:
+            ema.finish(stage.name)
         self._save(idx + 1, 0, None, None, None)  # stage boundary: resume starts the next stage
         return True
 
@@ -289,14 +301,12 @@ class Trainer:
             return None
         return self.acc.get_state_dict(self.engine)
 
-    def _save(self, stage: int, step: int, opt, sched, heads) -> None:
+    def _save(self, stage: int, step: int, opt, sched, heads, ema=None) -> None:
         full = self._full_state()
         if not self.acc.is_main_process:
             return
-        state = {"stage": stage, "step": step, "rng": rng_state(), "history": self.history,
-                 "optimizer": opt.state_dict() if opt is not None else None,
-                 "scheduler": sched.state_dict() if sched is not None else None,
-                 "heads": heads.state_dict() if heads is not None else None}
+        state = trainer_state(stage, step, self.history, opt, sched, ema,
+                              heads=heads.state_dict() if heads is not None else None)
         save_checkpoint(self.out, self.acc.unwrap_model(self.model), state,
                         write=partial(write_model, state=full))
 
