@@ -188,7 +188,7 @@ def table(res: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     s = res["setup"]
     if s.get("mgm_init"):
-        hr = f"mgm arms from `{s['mgm_init']}` (its HR tower and mining, not counted in the arms' budget)"
+        hr = f"mgm arms from `{s['mgm_init']}` (its HR tower, mining and projector as they are; their pretraining is not counted in the arms' budget)"
     elif s["hr_steps"]:
         hr = f"HR tower pretrained {s['hr_steps']} steps ({s['hr_pretrain_s']:.0f} s, not counted in the arms' budget)"
     else:

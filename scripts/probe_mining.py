@@ -19,6 +19,9 @@ trained is written out: a glyph-supervised pretraining of tower + mining, the in
 Variants:
 - mining:     the model's own patch-mining layers (LayerNorm+Linear Q/K/V, one head, 1/sqrt(C)),
               value projection from zero as in the ablation's arm; the head reads Q + mined;
+- projector:  the model's mining as it is (V not reset) and its projector, both training: the head
+              reads what the LLM sees, and a second loss (--keep-weight) keeps the projector's
+              output for the LR token alone where it was (with --save: an init for the arm);
 - max / mean: per-channel max / mean over the sub-region (no mining; what pooling can read);
 - attn[-opts]: the same attention written here, with options joined by '-': `noln` (no
               LayerNorm on the keys), `temp` (a learned inverse temperature, from 1), `h4`
@@ -29,6 +32,7 @@ Variants:
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import random
 import sys
@@ -126,14 +130,15 @@ class Attn(nn.Module):
 class ModelMining(nn.Module):
     """The checkpoint's own patch-mining layers on one token and its sub-region."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, zero_v: bool = True) -> None:
         super().__init__()
         conn = model.connector
         self.q, self.k, self.v = conn.vlm_uni_query_projector, conn.vlm_uni_aux_projector, conn.vlm_uni_val_projector
         self.conn = conn
-        with torch.no_grad():
-            self.v[1].weight.zero_()
-            self.v[1].bias.zero_()
+        if zero_v:
+            with torch.no_grad():
+                self.v[1].weight.zero_()
+                self.v[1].bias.zero_()
         self.attn: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
@@ -155,9 +160,28 @@ class Pool(nn.Module):
         return region.amax(-1) if self.kind == "max" else region.mean(-1)
 
 
+class ThroughProjector(nn.Module):
+    """The checkpoint's mining (as it is: V not reset) followed by its projector: the glyph head
+    reads what the LLM would see."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.mining = ModelMining(model, zero_v=False)
+        self.projector = model.connector.projector
+
+    @property
+    def attn(self) -> torch.Tensor | None:
+        return self.mining.attn
+
+    def forward(self, q: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.mining(q, region))
+
+
 def build(variant: str, model, c: int, c_hr: int) -> tuple[nn.Module, int]:
     if variant == "mining":
         return ModelMining(model), c
+    if variant == "projector":
+        return ThroughProjector(model), model.language_model.config.hidden_size
     if variant in ("max", "mean"):
         return Pool(variant), c_hr
     name, *opts = variant.split("-")
@@ -185,6 +209,9 @@ def run(variant: str, model, train, test, args) -> dict:
         params += list(tower.parameters())
     for p in params:
         p.requires_grad_(True)
+    keep = None
+    if variant == "projector":  # the projector's LR-only outputs stay what they were (relative MSE)
+        keep = copy.deepcopy(reader.projector).requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)
     t0, hits, curve = time.perf_counter(), [], []
@@ -192,6 +219,9 @@ def run(variant: str, model, train, test, args) -> dict:
         idx = torch.randint(len(y), (args.batch,), generator=g)
         logits = head(reader(q[idx], region(idx)))
         loss = F.cross_entropy(logits, y[idx])
+        if keep is not None:
+            want = keep(q[idx])
+            loss = loss + args.keep_weight * F.mse_loss(reader.projector(q[idx]), want) / want.pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -229,14 +259,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --train-hr and the `mining` variant: write the model, its HR tower and "
                          "mining layers as trained here, as a native checkpoint (an init for "
                          "`ablate_mgm.py --mgm-init`)")
+    ap.add_argument("--keep-weight", type=float, default=1.0,
+                    help="`projector` variant: weight of keeping the projector's LR-only outputs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.train_hr and len(variants) != 1:
         raise SystemExit("--train-hr trains the tower: give one variant")
-    if args.save and (not args.train_hr or variants != ["mining"]):
-        raise SystemExit("--save writes the model's own trained layers: use it with --train-hr --variants mining")
+    if args.save and not ((args.train_hr and variants == ["mining"]) or variants == ["projector"]):
+        raise SystemExit("--save writes the model's own trained layers: use it with --train-hr --variants "
+                         "mining, or with --variants projector")
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     if model.vision_tower_aux is None or not hasattr(model.connector, "vlm_uni_query_projector"):

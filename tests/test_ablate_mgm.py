@@ -179,6 +179,19 @@ def test_probe_save_and_mgm_init(base, tiny_tokenizer, tmp_path, capsys):
     for prefix in ("vision_tower.", "language_model."):  # frozen: kept
         assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
 
+    # the `projector` variant: mining (V kept, not reset) and projector train, towers and LLM do not
+    proj = tmp_path / "proj"
+    assert probe.main(["--model", str(saved), "--variants", "projector", "--save", str(proj), "--steps", "2",
+                       "--report", "1", "--train-scenes", "4", "--test-scenes", "2", "--lr", "1e-2",
+                       "--threads", "1"]) == 0
+    assert "| projector |" in capsys.readouterr().out
+    before, after = after, load_model(proj).state_dict()
+    for prefix in ("connector.projector.", "connector.vlm_uni_val_projector."):
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
+    assert after["connector.vlm_uni_val_projector.1.weight"].abs().sum() > 0
+    for prefix in ("vision_tower.", "vision_tower_aux.", "language_model."):
+        assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
+
     # an MGM init of --base whose HR tower has moved, as a pretraining leaves it
     model = load_model(mod.write_mgm_init(base, tmp_path / "fresh", 96, hd=False))
     with torch.no_grad():
