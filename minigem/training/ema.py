@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from minigem.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 
@@ -68,14 +70,13 @@ class WeightAverage:
                  stage, self.decay, self.updates)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "updates": self.updates, "shadow": [a.clone() for a in self.shadow]}
+        return {"updates": self.updates, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         shadow = state["shadow"]
-        if len(shadow) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(shadow, self.shadow,
-                                                                                  strict=True)):
-            raise ValueError("the checkpoint's weight average does not match this stage's trainable "
-                             f"weights ({len(shadow)} tensors saved, {len(self.shadow)} trainable)")
+        if [a.shape for a in shadow] != [a.shape for a in self.shadow]:
+            raise CheckpointError("the checkpoint's weight average does not match this stage's trainable "
+                                  f"weights ({len(shadow)} tensors saved, {len(self.shadow)} trainable)")
         self.updates = int(state["updates"])
         for dst, src in zip(self.shadow, shadow, strict=True):
             dst.copy_(src.to(dst.device))

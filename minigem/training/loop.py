@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from minigem.checkpoints.native import load_state, save_model, write_model
 from minigem.config import RecipeConfig, StageConfig, dump_yaml
 from minigem.data.collate import SampleEncoder, collate
+from minigem.errors import ConfigError
 from minigem.training.checkpoint import (
     latest_checkpoint,
     resume_point,
@@ -203,8 +204,8 @@ class Trainer:
             from accelerate.utils import DistributedType
 
             if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-                raise ValueError(f"stage {stage.name!r}: ema_decay works with one process or DDP, "
-                                 f"not with {acc.distributed_type.value} (sharded weights)")
+                raise ConfigError(f"training.stages.{stage.name}.ema_decay: works with one process or "
+                                  f"DDP, not with {acc.distributed_type.value} (sharded weights)")
         ema = WeightAverage.for_stage(params, stage.ema_decay, state)
         lengths = None
         if stage.group_by_length:
