@@ -21,7 +21,8 @@ Variants:
               value projection from zero as in the ablation's arm; the head reads Q + mined;
 - projector:  the model's mining as it is (V not reset) and its projector, both training: the head
               reads what the LLM sees, and a second loss (--keep-weight) keeps the projector's
-              output for the LR token alone where it was (with --save: an init for the arm);
+              output for the LR token alone where it was, or with --keep-on mined its output for
+              every cell's LR token plus mined detail near that (with --save: an init for the arm);
 - max / mean: per-channel max / mean over the sub-region (no mining; what pooling can read);
 - attn[-opts]: the same attention written here, with options joined by '-': `noln` (no
               LayerNorm on the keys), `temp` (a learned inverse temperature, from 1), `h4`
@@ -64,9 +65,11 @@ def hr_regions(tower: nn.Module, pixels: torch.Tensor, image: torch.Tensor, cell
     return sub_regions(tower(pixels[used]), inverse, cell[idx])
 
 
-def features(model, n_scenes: int, seed: int, batch: int = 64, keep_pixels: bool = False):
+def features(model, n_scenes: int, seed: int, batch: int = 64, keep_pixels: bool = False,
+             every_cell: bool = False):
     """Per glyphed object: (query [C], sub-region [C_hr, M*M], glyph id); with keep_pixels, the
-    sub-region is replaced by (the HR pixels of every scene, object -> scene, object -> cell)."""
+    sub-region is replaced by (the HR pixels of every scene, object -> scene, object -> cell).
+    With every_cell, every cell of every scene is an example (glyph id -1 where it shows none)."""
     hr_size = model.processor.hr_size
     rng = random.Random(seed)
     qs, regions, labels, pixels, image, cell = [], [], [], [], [], []
@@ -78,11 +81,16 @@ def features(model, n_scenes: int, seed: int, batch: int = 64, keep_pixels: bool
             if low.shape[1] != SIDE * SIDE:
                 raise SystemExit(f"the probe needs one visual token per cell of the world's 3x3 grid; "
                                  f"this model has {low.shape[1]} per image")
-            objs = [(i, o) for i, s in enumerate(scenes) for o in s.objects if o.glyph is not None]
-            idx = torch.tensor([i for i, _ in objs])
-            cells = torch.tensor([o.cell for _, o in objs])
+            if every_cell:
+                shown = [{o.cell: o.glyph for o in s.objects} for s in scenes]
+                objs = [(i, c, shown[i].get(c)) for i in range(len(scenes)) for c in range(SIDE * SIDE)]
+            else:
+                objs = [(i, o.cell, o.glyph) for i, s in enumerate(scenes) for o in s.objects
+                        if o.glyph is not None]
+            idx = torch.tensor([i for i, _, _ in objs])
+            cells = torch.tensor([c for _, c, _ in objs])
             qs.append(low[idx, cells])
-            labels += [GLYPHS.index(o.glyph) for _, o in objs]
+            labels += [-1 if g is None else GLYPHS.index(g) for _, _, g in objs]
             if keep_pixels:
                 image.append(idx + b0)
                 cell.append(cells)
@@ -190,7 +198,7 @@ def build(variant: str, model, c: int, c_hr: int) -> tuple[nn.Module, int]:
     return Attn(c, c_hr, set(opts)), c
 
 
-def run(variant: str, model, train, test, args) -> dict:
+def run(variant: str, model, train, test, args, keep_set=None) -> dict:
     torch.manual_seed(args.seed)
     q, reg, y = train
     tower = model.vision_tower_aux
@@ -212,6 +220,8 @@ def run(variant: str, model, train, test, args) -> dict:
     keep = None
     if variant == "projector":  # the projector's LR-only outputs stay what they were (relative MSE)
         keep = copy.deepcopy(reader.projector).requires_grad_(False)
+        if args.keep_on == "mined":  # ... and so do its outputs for the mined tokens of every cell
+            qk, rk = keep_set
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)
     t0, hits, curve = time.perf_counter(), [], []
@@ -219,7 +229,11 @@ def run(variant: str, model, train, test, args) -> dict:
         idx = torch.randint(len(y), (args.batch,), generator=g)
         logits = head(reader(q[idx], region(idx)))
         loss = F.cross_entropy(logits, y[idx])
-        if keep is not None:
+        if keep is not None and args.keep_on == "mined":
+            kdx = torch.randint(len(qk), (args.batch,), generator=g)
+            want = keep(qk[kdx])
+            loss = loss + args.keep_weight * F.mse_loss(reader(qk[kdx], rk[kdx]), want) / want.pow(2).mean()
+        elif keep is not None:
             want = keep(q[idx])
             loss = loss + args.keep_weight * F.mse_loss(reader.projector(q[idx]), want) / want.pow(2).mean()
         opt.zero_grad()
@@ -261,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
                          "`ablate_mgm.py --mgm-init`)")
     ap.add_argument("--keep-weight", type=float, default=1.0,
                     help="`projector` variant: weight of keeping the projector's LR-only outputs")
+    ap.add_argument("--keep-on", choices=["lr", "mined"], default="lr",
+                    help="`projector` variant: keep the projector's output for the LR token alone "
+                         "(lr), or for the LR token plus what the mining adds, i.e. what the LLM "
+                         "sees, on every cell of --keep-scenes scenes (mined), near the starting "
+                         "projector's output for the LR token alone")
+    ap.add_argument("--keep-scenes", type=int, default=1000,
+                    help="scenes whose every cell feeds the `--keep-on mined` loss")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -270,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.save and not ((args.train_hr and variants == ["mining"]) or variants == ["projector"]):
         raise SystemExit("--save writes the model's own trained layers: use it with --train-hr --variants "
                          "mining, or with --variants projector")
+    if args.keep_on == "mined" and (variants != ["projector"] or args.train_hr):
+        raise SystemExit("--keep-on mined is for the `projector` variant alone, without --train-hr")
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     if model.vision_tower_aux is None or not hasattr(model.connector, "vlm_uni_query_projector"):
@@ -280,12 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     train = features(model, args.train_scenes, seed=1000 + args.seed, keep_pixels=args.train_hr)
     test = features(model, args.test_scenes, seed=2000 + args.seed, keep_pixels=args.train_hr)
+    keep_set = None
+    if args.keep_on == "mined":
+        keep_set = features(model, args.keep_scenes, seed=3000 + args.seed, every_cell=True)[:2]
     print(f"features: {len(train[2])} train / {len(test[2])} test objects, query {tuple(train[0].shape[1:])}"
           f"{', HR tower training' if args.train_hr else ''} ({time.perf_counter() - t0:.0f} s)", flush=True)
     print("| variant | test acc | train acc by step | mean peak attention | s |")
     print("|---|---:|---|---:|---:|")
     for v in variants:
-        r = run(v, model, train, test, args)
+        r = run(v, model, train, test, args, keep_set)
         curve = ", ".join(f"{s}: {a:.0%}" for s, a in r["curve"])
         print(f"| {v} | {r['test_acc']:.1%} | {curve} | {r['attn_peak']:.3f} | {r['seconds']:.0f} |", flush=True)
     if args.save:

@@ -192,6 +192,30 @@ def test_probe_save_and_mgm_init(base, tiny_tokenizer, tmp_path, capsys):
     for prefix in ("vision_tower.", "vision_tower_aux.", "language_model."):
         assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
 
+    # --keep-on mined: the projector's output for every cell's LR token plus its mined detail is
+    # pulled towards the starting projector's output for the LR token alone
+    start = load_model(saved)
+    with torch.no_grad():  # mined detail far from zero, as a glyph-supervised mining leaves it
+        start.connector.vlm_uni_val_projector[1].weight.normal_(0, 0.5)
+    start = save_model(start, tmp_path / "v-grown")
+    q, reg, glyph = probe.features(load_model(start), 3, seed=7, every_cell=True)
+    assert len(q) == 27 and set(glyph.tolist()) - {-1} and (glyph == -1).any()
+
+    def drift(path):  # relative squared distance of what the LLM sees from the LR-only output
+        m = load_model(path).eval()
+        with torch.no_grad():
+            want = load_model(start).connector.projector(q)
+            return ((probe.ThroughProjector(m)(q, reg) - want).pow(2).mean() / want.pow(2).mean()).item()
+
+    kept = tmp_path / "kept"
+    with pytest.raises(SystemExit, match="--keep-on mined is for the `projector` variant"):
+        probe.main(["--model", str(saved), "--variants", "max", "--keep-on", "mined"])
+    assert probe.main(["--model", str(start), "--variants", "projector", "--keep-on", "mined",
+                       "--keep-weight", "100", "--keep-scenes", "3", "--save", str(kept), "--steps", "30",
+                       "--report", "10", "--train-scenes", "4", "--test-scenes", "2", "--lr", "1e-2",
+                       "--threads", "1"]) == 0
+    assert drift(kept) < 0.5 * drift(start)
+
     # an MGM init of --base whose HR tower has moved, as a pretraining leaves it
     model = load_model(mod.write_mgm_init(base, tmp_path / "fresh", 96, hd=False))
     with torch.no_grad():
