@@ -217,11 +217,19 @@ def run(variant: str, model, train, test, args, keep_set=None) -> dict:
         params += list(tower.parameters())
     for p in params:
         p.requires_grad_(True)
-    keep = None
-    if variant == "projector":  # the projector's LR-only outputs stay what they were (relative MSE)
-        keep = copy.deepcopy(reader.projector).requires_grad_(False)
-        if args.keep_on == "mined":  # ... and so do its outputs for the mined tokens of every cell
+    kept = None  # idx -> (an output of the projector, where the starting projector put it)
+    if variant == "projector":
+        start = copy.deepcopy(reader.projector).requires_grad_(False)
+        if keep_set is not None:  # what the LLM sees (LR + mined), any cell, vs. the LR token alone
             qk, rk = keep_set
+
+            def kept(idx):
+                kdx = torch.randint(len(qk), (len(idx),), generator=g)
+                return reader(qk[kdx], rk[kdx]), start(qk[kdx])
+        else:  # the projector's output for the glyphed objects' LR tokens alone
+
+            def kept(idx):
+                return reader.projector(q[idx]), start(q[idx])
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)
     t0, hits, curve = time.perf_counter(), [], []
@@ -229,13 +237,9 @@ def run(variant: str, model, train, test, args, keep_set=None) -> dict:
         idx = torch.randint(len(y), (args.batch,), generator=g)
         logits = head(reader(q[idx], region(idx)))
         loss = F.cross_entropy(logits, y[idx])
-        if keep is not None and args.keep_on == "mined":
-            kdx = torch.randint(len(qk), (args.batch,), generator=g)
-            want = keep(qk[kdx])
-            loss = loss + args.keep_weight * F.mse_loss(reader(qk[kdx], rk[kdx]), want) / want.pow(2).mean()
-        elif keep is not None:
-            want = keep(q[idx])
-            loss = loss + args.keep_weight * F.mse_loss(reader.projector(q[idx]), want) / want.pow(2).mean()
+        if kept is not None:  # relative MSE
+            got, want = kept(idx)
+            loss = loss + args.keep_weight * F.mse_loss(got, want) / want.pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -274,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                          "mining layers as trained here, as a native checkpoint (an init for "
                          "`ablate_mgm.py --mgm-init`)")
     ap.add_argument("--keep-weight", type=float, default=1.0,
-                    help="`projector` variant: weight of keeping the projector's LR-only outputs")
+                    help="`projector` variant: weight of keeping the projector's outputs (see --keep-on)")
     ap.add_argument("--keep-on", choices=["lr", "mined"], default="lr",
                     help="`projector` variant: keep the projector's output for the LR token alone "
                          "(lr), or for the LR token plus what the mining adds, i.e. what the LLM "
