@@ -207,6 +207,9 @@ class StageConfig(StrictModel):
     max_grad_norm: float | None = 1.0
     # batches of records of similar length (less padding; HF TrainingArguments' name)
     group_by_length: bool = False
+    # the LLM computes on real tokens only: the batch is packed into one row, attention
+    # unpacks it per sequence (minigem.llm.padfree; same loss, less compute on padding)
+    padding_free: bool = False
     upcycle: bool = False  # dense -> MoE transition at the start of this stage
     # end the stage with an exponential moving average of its trainable weights (minigem.training.ema)
     ema_decay: float | None = Field(None, gt=0, lt=1)
@@ -216,6 +219,8 @@ class StageConfig(StrictModel):
     def _budget(self) -> StageConfig:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of `steps` or `epochs`")
+        if self.padding_free and self.kind != "lm":
+            raise ValueError(f"padding_free is for `lm` stages (this one is {self.kind!r})")
         return self
 
 

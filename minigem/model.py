@@ -173,13 +173,19 @@ class VisionLanguageModel(nn.Module):
         past_key_values: object | None = None,
         use_cache: bool = False,
         logits_to_keep: int | torch.Tensor = 0,
+        padding_free: bool = False,
     ) -> VLMOutput:
         """input_ids [B, S] (image tokens expanded), labels [B, S] with -100 = ignored.
 
         With labels, logits are computed only at positions some row supervises (the LM head
         is the costliest matmul at small widths), and returned for those positions only.
+        `padding_free` (training; needs labels and a right-padded attention_mask) runs the LLM
+        on the real tokens only (`minigem.llm.padfree`); logits are then [1, K, V], K the
+        supervised positions of all rows, and the loss is the same mean over them.
         """
         embeds = self.embed(input_ids, pixel_values, pixel_values_aux)
+        if padding_free:
+            return self._forward_packed(embeds, attention_mask, labels, past_key_values, use_cache)
         if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         keep: int | torch.Tensor = logits_to_keep
@@ -207,6 +213,32 @@ class VisionLanguageModel(nn.Module):
             result.lm_loss = lm_loss
             result.loss = lm_loss if aux is None else lm_loss + aux
         return result
+
+    def _forward_packed(self, embeds, attention_mask, labels, past_key_values, use_cache) -> VLMOutput:
+        from minigem.llm import padfree
+
+        if labels is None or attention_mask is None or past_key_values is not None or use_cache:
+            raise ValueError("padding_free is for training: it needs labels and an attention_mask, "
+                             "and no KV cache")
+        padfree.enable(self.language_model)
+        packing = padfree.Packing.from_mask(attention_mask)
+        # the target of each real token is the next label of its own row (-100 after its last)
+        nxt = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, S]
+        targets = packing.pack(nxt.unsqueeze(-1))[0, :, 0]  # [T]
+        keep = (targets != IGNORE_INDEX).nonzero().squeeze(-1)  # [K] packed positions
+        out = self.language_model(
+            inputs_embeds=packing.pack(embeds),
+            attention_mask=torch.ones(1, packing.tokens, dtype=torch.long, device=embeds.device),
+            position_ids=packing.position_ids(),
+            use_cache=False,
+            logits_to_keep=keep,
+            packing=packing,
+        )
+        padfree.check_used(self.language_model, packing)
+        lm_loss = F.cross_entropy(out.logits[0].float(), targets[keep], ignore_index=IGNORE_INDEX)
+        aux = self.moe_aux_loss()
+        return VLMOutput(logits=out.logits, lm_loss=lm_loss, aux_loss=aux,
+                         loss=lm_loss if aux is None else lm_loss + aux)
 
     def moe_aux_loss(self) -> torch.Tensor | None:
         if self.config.moe is None:

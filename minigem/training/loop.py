@@ -24,6 +24,7 @@ from minigem.checkpoints.native import load_state, save_model, write_model
 from minigem.config import RecipeConfig, StageConfig, dump_yaml
 from minigem.data.collate import SampleEncoder, collate
 from minigem.errors import ConfigError
+from minigem.llm import padfree
 from minigem.training.checkpoint import (
     latest_checkpoint,
     resume_point,
@@ -225,6 +226,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, initial=start, desc=stage.name, dynamic_ncols=True)
+        attn_prev = padfree.enable(model.language_model) if stage.padding_free else None
         step, micro, t0, seen, run_loss = start, 0, time.perf_counter(), 0, 0.0
         extra: dict[str, float] = {}
         batches = iter(loader)  # draws the loader's base seed from the RNG, as a fresh run does
@@ -247,7 +249,7 @@ class Trainer:
                 else:
                     out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  pixel_values=batch["pixel_values"], pixel_values_aux=batch["pixel_values_aux"],
-                                 labels=batch["labels"])
+                                 labels=batch["labels"], padding_free=stage.padding_free)
                     loss = out.loss
                     if out.aux_loss is not None:
                         extra["aux_loss"] = extra.get("aux_loss", 0.0) + out.aux_loss.item() / stage.grad_accum
@@ -282,9 +284,11 @@ class Trainer:
             if self.budget == 0 and step < total:
                 if bar is not None:
                     bar.close()
+                padfree.disable(model.language_model, attn_prev)
                 return False
         if bar is not None:
             bar.close()
+        padfree.disable(model.language_model, attn_prev)
         if ema is not None:
             ema.finish(stage.name)
         self._save(idx + 1, 0, None, None, None)  # stage boundary: resume starts the next stage
