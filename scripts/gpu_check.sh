@@ -19,7 +19,7 @@ step() {  # name, command...
 }
 
 step pytest-gpu $py -m pytest -q -p no:cacheprovider tests/test_training.py \
-  tests/test_mgm_components.py tests/test_moe.py
+  tests/test_mgm_components.py tests/test_moe.py tests/test_padfree.py
 
 $py - "$out/fsdp" <<'EOF'
 import sys
