@@ -170,7 +170,7 @@ def arm_recipe(args: argparse.Namespace, out: Path, name: str, init: Path) -> di
         train.append("vision_aux")
     stage = {"name": name, "train": train, "data": train_data(args), "lr": args.lr,
              "adam_beta2": 0.95, "schedule": "cosine", "warmup_ratio": 0.03,
-             "batch_size": args.batch_size, "steps": args.steps}
+             "batch_size": args.batch_size, "steps": args.steps, "padding_free": args.padding_free}
     return base_recipe(args, out, name, init, stage)
 
 
@@ -196,7 +196,8 @@ def table(res: dict) -> str:
     hr += ", trained in the mgm arms" if s["hr_trained_in_arms"] else ", frozen in the mgm arms"
     head_line = (f"Base `{s['base']}`; every arm {s['steps']} steps x batch {s['batch_size']}, lr {s['lr']} "
                  f"cosine, synth seed {s['data_seed']} at {s['hr_size']} px, glyph share {s['glyph_weight']}; "
-                 f"{hr}; test: {s['n_test']} records, seed {TEST_SEED}; {s['threads']} threads.")
+                 f"{hr}; test: {s['n_test']} records, seed {TEST_SEED}; {s['threads']} threads"
+                 f"{'; padding-free' if s.get('padding_free') else ''}.")
     return "\n".join([head_line, "", *lines]) + "\n"
 
 
@@ -226,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"setup": {"base": str(base), "steps": args.steps, "batch_size": args.batch_size,
                            "lr": args.lr, "data_seed": args.data_seed, "glyph_weight": args.glyph_weight,
                            "hr_size": args.hr_size, "hr_steps": args.hr_steps, "n_test": args.n_test,
-                           "threads": args.threads, "hr_tower": HR_TOWER, "hr_pretrain_s": 0.0,
+                           "threads": args.threads, "padding_free": args.padding_free,
+                           "hr_tower": HR_TOWER, "hr_pretrain_s": 0.0,
                            "hr_trained_in_arms": not args.freeze_hr,
                            "mgm_init": str(mgm_init) if mgm_init else None},
                  "arms": {}}

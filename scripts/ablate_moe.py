@@ -87,7 +87,8 @@ def branch_recipes(args: argparse.Namespace, out: Path, base: Path, wide: Path |
 
     def recipe(name: str, init_from: Path, train: list[str], **stage_extra) -> dict:
         stage = {"name": name, "train": train, "data": data, "lr": args.lr, "schedule": "cosine",
-                 "warmup_ratio": 0.02, "batch_size": args.batch_size, "steps": args.steps, **stage_extra}
+                 "warmup_ratio": 0.02, "batch_size": args.batch_size, "steps": args.steps,
+                 "padding_free": args.padding_free, **stage_extra}
         return {"training": {"output_dir": str(out / "runs" / name), "seed": 0, "bf16": "auto",
                              "log_every": max(1, min(25, args.steps)), "save_every": 10 ** 9,
                              "init_from": str(init_from), "stages": [stage]}}
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         cli(args, "data", "synth", "--out", str(out / "test"), "--n", str(args.n_test), "--seed", str(TEST_SEED))
     res: dict = {"setup": {"base": str(base), "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                            "data_seed": args.data_seed, "n_test": args.n_test, "threads": args.threads,
-                           "moe": MOE}, "branches": {}}
+                           "padding_free": args.padding_free, "moe": MOE}, "branches": {}}
     ev, _ = cli(args, "eval", "--model", str(base), "--data", str(test), "--json")
     res["branches"]["base (stage II)"] = {"train": [], "eval": json.loads(ev),
                                          "params": param_counts(base, [])}

@@ -22,7 +22,7 @@ from minigem.training.stages import apply_stage
 FAMILIES = {
     "llama-gqa": ("llama", {"num_key_value_heads": 1}),
     "qwen2": ("qwen2", {}),
-    "mistral": ("mistral", {"sliding_window": None}),
+    "mistral": ("mistral", {"sliding_window": 4096}),  # longer than any row: no effect
     "phi": ("phi", {}),
 }
 
@@ -125,6 +125,10 @@ def test_bad_batches_and_llms_that_bypass_the_interface(tiny_tokenizer, monkeypa
     with pytest.raises(ConfigError, match="do not call HF's attention interface"):
         b(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], labels=batch["labels"],
           padding_free=True)
+    short = _model(tiny_tokenizer, "mistral", sliding_window=8)  # a window that would apply
+    with pytest.raises(ConfigError, match="sliding window of 8 tokens, shorter than the batch's"):
+        short(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], labels=batch["labels"],
+              padding_free=True)
     # StableLM's decoder layers (transformers 5.x) do not pass forward keywords on to attention
     s = _model(tiny_tokenizer, "stablelm")
     with pytest.raises(ConfigError, match="StableLmForCausalLM's attention layers"):

@@ -79,7 +79,12 @@ def padfree_attention(module, query, key, value, attention_mask, dropout: float 
     if packing is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    for opt in ("sliding_window", "softcap", "s_aux"):
+    window = kwargs.get("sliding_window")
+    if window is not None and window < packing.seqlen:  # a window longer than the rows changes nothing
+        raise ConfigError(f"padding_free: this LLM's attention has a sliding window of {window} tokens, "
+                          f"shorter than the batch's {packing.seqlen}; the packed attention does not "
+                          f"implement windows: set padding_free: false")
+    for opt in ("softcap", "s_aux"):
         if kwargs.get(opt) is not None:
             raise ConfigError(f"padding_free: this LLM's attention uses {opt}, which the packed "
                               f"attention does not implement; set padding_free: false")

@@ -28,6 +28,8 @@ def ablation_parser(description: str, *, base: str, base_help: str, recipe: str,
     ap.add_argument("--data-seed", type=int, default=data_seed, help="synth seed of the training data")
     ap.add_argument("--n-test", type=int, default=1000, help="records in the test split")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--padding-free", action="store_true",
+                    help="train every arm with `padding_free: true` (same loss, less compute on padding)")
     return ap
 
 
