@@ -224,7 +224,7 @@ class VisionLanguageModel(nn.Module):
         packing = padfree.Packing.from_mask(attention_mask)
         # the target of each real token is the next label of its own row (-100 after its last)
         nxt = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, S]
-        targets = packing.pack(nxt.unsqueeze(-1))[0, :, 0]  # [T]
+        targets = packing.pack(nxt)[0]  # [T]
         keep = (targets != IGNORE_INDEX).nonzero().squeeze(-1)  # [K] packed positions
         out = self.language_model(
             inputs_embeds=packing.pack(embeds),

@@ -8,8 +8,9 @@ padding. Attention is the only layer that mixes tokens: it scatters Q, K and V b
 prefix, as in the padded batch (with right padding a real token's causal prefix holds no pad).
 Position ids restart at 0 for every sequence, as the padded batch's do.
 
-It works through the HF attention interface, so any HF causal LM whose attention layers call
-``ALL_ATTENTION_FUNCTIONS`` (Llama, Qwen2, Phi, StableLM, Mistral, ...) gets it: the LLM's
+It works through the HF attention interface, so any HF causal LM whose decoder layers pass the
+forward's keywords on to ``ALL_ATTENTION_FUNCTIONS`` (Llama, Qwen2, Mistral, Phi, ...; not
+StableLM in transformers 5.x, which gets a clear error from `check_used`) gets it: the LLM's
 attention implementation becomes ``minigem_padfree``, which is plain SDPA for calls that do not
 pass a ``packing`` (generation, evaluation), and the packed path for calls that do. The packing
 travels as a forward keyword, so gradient checkpointing's recomputation sees it too.
@@ -17,7 +18,7 @@ travels as a forward keyword, so gradient checkpointing's recomputation sees it 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +31,14 @@ from minigem.errors import ConfigError, DataError
 NAME = "minigem_padfree"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Packing:
     """Where a right-padded batch's real tokens are: ``index`` [T] into the flat [B*S] layout."""
 
     index: torch.Tensor
     batch: int
     seqlen: int
-    calls: list[int] = field(default_factory=list, compare=False)  # attention layers that used it
+    used: bool = False  # set by the attention: a forward that left it False attended unpacked
 
     @classmethod
     def from_mask(cls, attention_mask: torch.Tensor) -> Packing:
@@ -92,7 +93,7 @@ def padfree_attention(module, query, key, value, attention_mask, dropout: float 
     def unpack(x: torch.Tensor) -> torch.Tensor:  # [1, h, T, d] -> [B, h, S, d]
         return packing.to_padded(x[0].transpose(0, 1)).transpose(1, 2)
 
-    packing.calls.append(1)
+    packing.used = True
     q, k, v = unpack(query), unpack(key), unpack(value)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
                                          enable_gqa=q.shape[1] != k.shape[1])  # [B, H, S, d]
@@ -106,7 +107,7 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 
 def enable(llm: PreTrainedModel) -> str | None:
     """Switch `llm` to the padding-free attention; returns the implementation it had before."""
-    prev = getattr(llm.config, "_attn_implementation", None)
+    prev = llm.config._attn_implementation
     if prev != NAME:
         try:
             llm.set_attn_implementation(NAME)
@@ -119,7 +120,7 @@ def enable(llm: PreTrainedModel) -> str | None:
 def check_used(llm: PreTrainedModel, packing: Packing) -> None:
     """After a packed forward: attention that never saw the packing (it bypasses the interface, or
     its decoder layers drop forward keywords, as StableLM's do) attended across sequences."""
-    if not packing.calls:
+    if not packing.used:
         raise ConfigError(f"padding_free: {type(llm).__name__}'s attention layers do not call HF's "
                           f"attention interface with the forward's keywords, so a packed batch "
                           f"attended across sequences; set padding_free: false")
@@ -127,5 +128,5 @@ def check_used(llm: PreTrainedModel, packing: Packing) -> None:
 
 def disable(llm: PreTrainedModel, prev: str | None) -> None:
     """Undo `enable` (back to `prev`, the implementation `enable` returned)."""
-    if prev is not None and prev != NAME and getattr(llm.config, "_attn_implementation", None) == NAME:
+    if prev not in (None, NAME) and llm.config._attn_implementation == NAME:
         llm.set_attn_implementation(prev)
