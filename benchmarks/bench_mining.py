@@ -1,6 +1,7 @@
 """Mini-Gemini HR feature assembly + patch info mining, side by side at the released sizes:
-minigem (preallocated assembly, chunked fused-K/V mining; at HD "ours" writes the views
-straight from the stage maps as ``HRTower.forward(px, grid=2, global_view=True)`` does and
+minigem (preallocated assembly; mining that never projects the map: the key Linear moved onto
+the query, the value Linear after the weighted sum; at HD "ours" writes the views straight
+from the stage maps as ``HRTower.forward(px, grid=2, global_view=True)`` does and
 "ours-split" assembles the map and then calls ``split_hr_views``) vs a straightforward implementation
 of the same math written here the way the release does it (upsample all stages + cat; HD
 split with reshape/permute/.contiguous(); the whole map permuted to [B, N, M*M, C_hr];
@@ -276,7 +277,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--chunk-cells", type=int, default=None,
-                    help="PatchMiningConnector.chunk_cells (default: its own, 2048 on CPU)")
+                    help="PatchMiningConnector.chunk_cells (default: its own, 16384)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.worker:

@@ -153,9 +153,9 @@ class ModelMining(nn.Module):
         b, c_hr, mm = region.shape
         m = math.isqrt(mm)
         hr = region.view(b, c_hr, m, m)  # one token (already pooled) and its M x M block each
-        parts = list(self.conn._chunks(q.unsqueeze(1), hr))
-        self.attn = torch.cat([a for *_, a in parts]).unsqueeze(1)  # [b, 1, M*M]
-        return q + torch.cat([att for _, _, _, att, _ in parts])
+        parts = list(self.conn._chunks(q.unsqueeze(1), hr))  # chunks of whole images
+        self.attn = torch.cat([a for *_, a in parts])  # [b, 1, M*M]
+        return q + torch.cat([att for *_, att, _ in parts]).squeeze(1)
 
 
 class Pool(nn.Module):

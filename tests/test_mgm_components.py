@@ -62,29 +62,37 @@ def _paper_formula(conn: PatchMiningConnector, q: torch.Tensor, hr: torch.Tensor
 # ----------------------------------------------------------------------------- mining
 
 
-@pytest.mark.parametrize("chunk_cells", [1, 40, 10**6])  # one row, a few rows, whole image
-@pytest.mark.parametrize("n,side_hr", [(4, 6), (9, 12)])
+# one token row, a few rows, two of the three images, all images per step
+@pytest.mark.parametrize("chunk_cells", [1, 40, 300, 10**6])
+@pytest.mark.parametrize("n,side_hr", [(4, 6), (9, 12), (1, 1)])
 def test_mining_matches_paper_formula(chunk_cells: int, n: int, side_hr: int) -> None:
     conn = _connector(chunk_cells=chunk_cells)
-    q = torch.randn(2, n, C)
-    hr = torch.randn(2, C_HR, side_hr, side_hr) * 2 + 0.5
+    q = torch.randn(3, n, C)
+    hr = torch.randn(3, C_HR, side_hr, side_hr) * 2 + 0.5
+    before = hr.clone()
     ref, ref_attn = _paper_formula(conn, q, hr)
     with torch.no_grad():
         out = conn(VisionFeatures(q, hr))
         attn = conn.mining_attention(VisionFeatures(q, hr))
-    assert out.shape == (2, n, D)
+    assert out.shape == (3, n, D)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(attn, ref_attn, atol=1e-6, rtol=1e-5)
+    assert torch.equal(hr, before)  # normalised in place only on its own copies
 
 
-def test_mining_gradients_match_reference() -> None:
-    conn = _connector()
-    q, hr = torch.randn(1, 4, C), torch.randn(1, C_HR, 4, 4)
+@pytest.mark.parametrize("chunk_cells", [4, None])  # token rows of one image; whole images
+def test_mining_gradients_match_reference(chunk_cells: int | None) -> None:
+    """Gradients of every mining weight, of the LR features and of the HR map (a trainable HR
+    tower) equal the paper's formula's."""
+    conn = _connector(chunk_cells=chunk_cells)
+    q = torch.randn(2, 4, C, requires_grad=True)
+    hr = (torch.randn(2, C_HR, 4, 4) * 2 + 0.5).requires_grad_(True)
     conn(VisionFeatures(q, hr)).square().sum().backward()
-    ours = {k: p.grad.clone() for k, p in conn.named_parameters()}
+    ours = {k: p.grad.clone() for k, p in [*conn.named_parameters(), ("q", q), ("hr", hr)]}
     conn.zero_grad()
+    q.grad = hr.grad = None
     _paper_formula(conn, q, hr)[0].square().sum().backward()
-    for k, p in conn.named_parameters():
+    for k, p in [*conn.named_parameters(), ("q", q), ("hr", hr)]:
         torch.testing.assert_close(ours[k], p.grad, atol=1e-4, rtol=1e-4, msg=k)
 
 

@@ -9,14 +9,20 @@ token i at grid (r, c) owning cells [r*M:(r+1)*M, c*M:(c+1)*M]. phi = LayerNorm 
 (keys), ``vlm_uni_val_projector``); single head, no output projection; the attended value
 is added to the raw Q; ``projector`` is the LLaVA projector. N tokens in, N tokens out.
 
-Implementation (same math, less memory and time than the release):
-- K and V share their LayerNorm statistics, so the map is normalised once and both
-  projections run as one matmul with the LayerNorm affines folded into the weights:
-  phi(x) = W (g * xhat + b) + c = (W diag g) xhat + (W b + c).
-- The map is processed a few token rows at a time, straight from its [C_hr, H, W] layout
-  (an fp32 GEMM reads the normalised slab transposed; bf16/fp16 get a [cells, C_hr] copy,
-  the layout with a fast CPU kernel), so no [B, N, M*M, C_hr] copy of the whole map and no
-  [N, H*W] attention mask ever exist; temporaries are chunk-sized (``chunk_cells``).
+Implementation (same math, far fewer FLOPs and less memory than the release):
+- No keys or values are computed for the HR cells. A single head with no nonlinearity
+  between the projections and the attention lets both Linears move off the map: the key
+  projection is applied to the query instead (q' = phi_q(Q) W_k diag(g_k) / sqrt(C), one
+  [N, C] x [C, C_hr] product; the key biases add the same constant to all of a token's
+  scores, which softmax ignores), and the value projection after the weighted sum
+  (sum_j a_j (W xhat_j + b) = W (sum_j a_j xhat_j) + b, since the weights sum to 1). The
+  map is only normalised, scored and averaged: O(cells x C_hr) work instead of the
+  release's O(cells x C_hr x 2C) K/V projections, M*M (64 at the released sizes) times
+  fewer multiply-adds.
+- The map is processed a chunk at a time (whole images when they fit, else token rows of
+  one image), each chunk copied once to [tokens, M*M, C_hr] in fp32 and normalised in
+  place, so no [B, N, M*M, C_hr] copy of the whole map and no [N, H*W] attention mask ever
+  exist; temporaries are chunk-sized (``chunk_cells``).
 - Scores, softmax and the weighted sum run in fp32 whatever the input dtype (no NaN/inf
   from bf16/fp16 overflow, unlike the release's softmax in the model dtype).
 """
@@ -74,10 +80,8 @@ class PatchMiningConnector(Connector):
         self.vlm_uni_aux_projector = _ln_linear(aux_dim, vision_dim)  # keys
         self.vlm_uni_val_projector = _ln_linear(aux_dim, vision_dim)  # values
         self.projector = make_projector(projector, vision_dim, llm_dim)
-        # HR cells normalised and projected per step (whole token rows of one image): bounds
-        # the temporaries. None = 2048 on CPU (cache-sized, measured), 8192 elsewhere (on an
-        # H100, 2.2x less peak memory at HD bf16 than the straightforward version where 65536
-        # gave 1.2x; the time difference was not resolved: docs/BENCHMARKS.md).
+        # HR cells normalised and scored per step (whole images, or token rows of one image):
+        # bounds the temporaries. None = 16384 (docs/BENCHMARKS.md).
         self.chunk_cells = chunk_cells
 
     # ------------------------------------------------------------------ public
@@ -90,8 +94,8 @@ class PatchMiningConnector(Connector):
         """Q + mined HR detail, before the projector: [B, N, C]."""
         q_raw, hr = self._check(feats)
         out = torch.empty_like(q_raw)  # allocated up front: no small live blocks between temps
-        for i, t0, t1, att, _ in self._chunks(q_raw, hr):
-            out[i, t0:t1] = q_raw[i, t0:t1] + att.to(q_raw.dtype)
+        for i0, i1, t0, t1, att, _ in self._chunks(q_raw, hr):
+            out[i0:i1, t0:t1] = q_raw[i0:i1, t0:t1] + att.to(q_raw.dtype)
         return out
 
     def mining_attention(self, feats: VisionFeatures) -> torch.Tensor:
@@ -100,8 +104,8 @@ class PatchMiningConnector(Connector):
         q_raw, hr = self._check(feats)
         _, m = mining_grid(q_raw.shape[1], tuple(hr.shape))
         out = q_raw.new_empty(*q_raw.shape[:2], m * m, dtype=torch.float32)
-        for i, t0, t1, _, attn in self._chunks(q_raw, hr):
-            out[i, t0:t1] = attn
+        for i0, i1, t0, t1, _, attn in self._chunks(q_raw, hr):
+            out[i0:i1, t0:t1] = attn
         return out
 
     # ------------------------------------------------------------------ internals
@@ -138,57 +142,96 @@ class PatchMiningConnector(Connector):
         dtype = self.vlm_uni_query_projector[1].weight.dtype
         return q_raw.to(dtype), hr
 
-    def _fused_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One [2C, C_hr] weight and [2C] bias: LayerNorm affines folded into both Linears."""
-        ws, bs = [], []
+    def _folded(self) -> tuple[torch.Tensor, ...]:
+        """fp32 LayerNorm affines folded into the key and value Linears:
+        (W_k diag g_k [C, C_hr], W_k b_k + c_k [C], W_v diag g_v [C, C_hr], W_v b_v + c_v [C])."""
+        folded = []
         for ln, lin in (self.vlm_uni_aux_projector, self.vlm_uni_val_projector):
             if ln.eps != self.vlm_uni_aux_projector[0].eps:
-                raise ValueError("the key and value LayerNorms must share eps to be fused")
+                raise ValueError("the key and value LayerNorms must share eps to be folded")
             w = lin.weight.float()
-            ws.append(w * ln.weight.float())  # W diag(g)
-            bs.append(w @ ln.bias.float() + lin.bias.float())  # W b + c
-        dtype = self.vlm_uni_aux_projector[1].weight.dtype
-        return torch.cat(ws).to(dtype), torch.cat(bs).to(dtype)
+            folded += [w * ln.weight.float(), w @ ln.bias.float() + lin.bias.float()]
+        return tuple(folded)
 
     def _chunks(
         self, q_raw: torch.Tensor, hr: torch.Tensor
-    ) -> Iterator[tuple[int, int, int, torch.Tensor, torch.Tensor]]:
-        """Yield (image, first token, end token, attended [t, C] fp32, attn [t, M*M] fp32)."""
+    ) -> Iterator[tuple[int, int, int, int, torch.Tensor, torch.Tensor]]:
+        """Yield (first image, end image, first token, end token, attended [g, t, C] fp32,
+        attn [g, t, M*M] fp32) for chunks of whole images or of token rows of one image."""
         b, n, c = q_raw.shape
-        c_hr, _, w = hr.shape[1:]
+        c_hr, h, w = hr.shape[1:]
         side, m = mining_grid(n, tuple(hr.shape))
         eps = self.vlm_uni_aux_projector[0].eps
-        dtype = q_raw.dtype
-        q = self.vlm_uni_query_projector(q_raw)  # phi_q(Q) [B, N, C]
-        w_kv, b_kv = self._fused_kv()  # [2C, C_hr], [2C]
-        chunk = self.chunk_cells or (2048 if hr.device.type == "cpu" else 8192)
-        rows = max(1, min(side, chunk // (m * w)))  # token rows per step
-        scale = 1.0 / math.sqrt(c)
-        for i in range(b):
-            for r0 in range(0, side, rows):
-                r1 = min(side, r0 + rows)
-                t0, t1, cells = r0 * side, r1 * side, (r1 - r0) * m * w
-                slab = hr[i, :, r0 * m : r1 * m].reshape(c_hr, cells)  # [C_hr, cells] view
-                # LayerNorm over channels (no affine: folded into w_kv), in fp32; in place on
-                # our own temporaries unless autograd needs them (never on the caller's map)
-                x = slab.float()
-                mu = x.mean(0, keepdim=True)
-                centred = x.sub_(mu) if x is not slab and not x.requires_grad else x - mu
-                var = (centred * centred).mean(0, keepdim=True)
-                rstd = torch.rsqrt(var + eps)
-                xhat = centred * rstd if centred.requires_grad else centred.mul_(rstd)
-                if dtype != torch.float32:  # CPU bf16/fp16 GEMMs are only fast on [cells, C_hr]
-                    xhat = xhat.T.to(dtype, memory_format=torch.contiguous_format).T
-                kv = F.linear(xhat.T, w_kv, b_kv)  # [cells, 2C], cells in (row, mr, col, mc)
-                # -> tokens in (row, col) order with their M*M cells: [t, M*M, 2C]
-                kv = kv.view(r1 - r0, m, side, m, 2 * c).transpose(1, 2).reshape(-1, m * m, 2 * c)
-                key, val = kv[..., :c].float(), kv[..., c:].float()
-                qc = q[i, t0:t1].float()  # [t, C]
-                scores = torch.bmm(key, qc.unsqueeze(-1)).squeeze(-1) * scale  # [t, M*M]
-                fmax = torch.finfo(scores.dtype).max
-                attn = scores.clamp(-fmax, fmax).softmax(-1)  # fp32; inf-safe, NaN not hidden
-                att = torch.bmm(attn.unsqueeze(1), val).squeeze(1)  # [t, C]
-                yield i, t0, t1, att, attn
+        w_k, b_k, w_v, b_v = self._folded()
+        # the key projection moved onto the query (module docstring): q' = phi_q(Q) W_k' / sqrt(C)
+        # [B, N, C_hr] and the per-token constant phi_q(Q) . b_k' / sqrt(C) [B, N]
+        q = self.vlm_uni_query_projector(q_raw).float() * (1.0 / math.sqrt(c))
+        qk, qb = q @ w_k, q @ b_k
+        chunk = self.chunk_cells or 16384
+        per_image = h * w
+        if per_image <= chunk and side <= _ROW_TOKENS:  # whole images per step
+            per = chunk // per_image
+            steps = [(i, min(b, i + per), 0, side) for i in range(0, b, per)]
+        else:  # token rows of one image per step
+            rows = max(1, min(side, chunk // (m * w), _ROW_TOKENS // side))
+            steps = [(i, i + 1, r, min(side, r + rows)) for i in range(b) for r in range(0, side, rows)]
+        for i0, i1, r0, r1 in steps:
+            g, rr = i1 - i0, r1 - r0
+            t0, t1, cells = r0 * side, r1 * side, (r1 - r0) * m * w
+            # the slab [g, C_hr, cells] straight from the map (a view), cells in (row, M row,
+            # column, M column) order; centred per cell into a chunk-sized fp32 copy (in place
+            # when converting from another dtype already made one and autograd does not need it)
+            x = hr[i0:i1, :, r0 * m : r1 * m].reshape(g, c_hr, cells)
+            mu = x.float().mean(1, keepdim=True)
+            if x.dtype != torch.float32 and not x.requires_grad:
+                x = x.float().sub_(mu)
+            else:
+                x = x - mu
+            rstd = torch.rsqrt((x * x).mean(1) + eps)  # [g, cells]: the LayerNorm's 1/std
+            rstd_b = _blocks(rstd, rr, side, m)  # [g, t, M*M]
+            # every token of the chunk against every cell of its image rows (one GEMM), then each
+            # token's own M x M block; the LayerNorm's scale applied to the scores, not the map
+            full = torch.bmm(qk[i0:i1, t0:t1], x)  # [g, t, cells]
+            scores = rstd_b * _own_blocks(full, rr, side, m) + qb[i0:i1, t0:t1, None]
+            fmax = torch.finfo(scores.dtype).max
+            attn = scores.clamp(-fmax, fmax).softmax(-1)  # fp32; inf-safe, NaN not hidden
+            # sum_j a_j xhat_j as one GEMM with the weights placed block-diagonally; the value
+            # projection after it (the weights sum to 1)
+            spread = _place_blocks(attn * rstd_b, rr, side, m)  # [g, t, cells], 0 outside blocks
+            pooled = torch.bmm(spread, x.transpose(1, 2))  # [g, t, C_hr]
+            att = F.linear(pooled, w_v, b_v)  # [g, t, C]
+            yield i0, i1, t0, t1, att, attn
+
+
+# token rows per step are capped so that a step's tokens x cells GEMM computes at most this
+# many times the scores it keeps (each token is scored against its rows' cells, then cut to
+# its own M x M block)
+_ROW_TOKENS = 32
+
+
+def _diag(full: torch.Tensor, rr: int, side: int, m: int) -> torch.Tensor:
+    """[g, t, cells] (t = rr*side tokens, cells = rr*M*side*M) -> the view of each token's own
+    block, [g, M, M, rr, side]."""
+    v = full.view(full.shape[0], rr, side, rr, m, side, m)  # g, row, col | row', mr, col', mc
+    return v.diagonal(dim1=1, dim2=3).diagonal(dim1=1, dim2=3)  # g, mr, mc, row, col
+
+
+def _own_blocks(full: torch.Tensor, rr: int, side: int, m: int) -> torch.Tensor:
+    return _diag(full, rr, side, m).permute(0, 3, 4, 1, 2).reshape(full.shape[0], rr * side, m * m)
+
+
+def _blocks(per_cell: torch.Tensor, rr: int, side: int, m: int) -> torch.Tensor:
+    """[g, cells] -> [g, t, M*M]: each token's M x M block of a per-cell quantity."""
+    g = per_cell.shape[0]
+    return per_cell.view(g, rr, m, side, m).permute(0, 1, 3, 2, 4).reshape(g, rr * side, m * m)
+
+
+def _place_blocks(per_token: torch.Tensor, rr: int, side: int, m: int) -> torch.Tensor:
+    """[g, t, M*M] -> [g, t, cells]: each token's values in its own block, zero elsewhere."""
+    g = per_token.shape[0]
+    out = per_token.new_zeros(g, rr * side, rr * m * side * m)
+    _diag(out, rr, side, m).copy_(per_token.view(g, rr, side, m, m).permute(0, 3, 4, 1, 2))
+    return out
 
 
 @CONNECTORS.register("patch_mining")
