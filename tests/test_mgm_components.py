@@ -64,7 +64,7 @@ def _paper_formula(conn: PatchMiningConnector, q: torch.Tensor, hr: torch.Tensor
 
 # one token row, a few rows, two of the three images, all images per step
 @pytest.mark.parametrize("chunk_cells", [1, 40, 300, 10**6])
-@pytest.mark.parametrize("n,side_hr", [(4, 6), (9, 12), (1, 1)])
+@pytest.mark.parametrize("n,side_hr", [(4, 6), (9, 12), (1, 1), (36, 12)])  # 36: 5 rows + 1
 def test_mining_matches_paper_formula(chunk_cells: int, n: int, side_hr: int) -> None:
     conn = _connector(chunk_cells=chunk_cells)
     q = torch.randn(3, n, C)

@@ -42,6 +42,12 @@ from minigem.connectors.mlp import make_projector
 from minigem.vision.base import VisionFeatures
 
 
+# tokens per step (whole images, or token rows) are capped so that a step's tokens x cells GEMM
+# computes at most this many times the scores it keeps (each token is scored against every
+# cell of the step, then cut to its own M x M block)
+_ROW_TOKENS = 32
+
+
 def _ln_linear(dim_in: int, dim_out: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(dim_in), nn.Linear(dim_in, dim_out))
 
@@ -169,7 +175,7 @@ class PatchMiningConnector(Connector):
         qk, qb = q @ w_k, q @ b_k
         chunk = self.chunk_cells or 16384
         per_image = h * w
-        if per_image <= chunk and side <= _ROW_TOKENS:  # whole images per step
+        if per_image <= chunk and side * side <= _ROW_TOKENS:  # whole images per step
             per = chunk // per_image
             steps = [(i, min(b, i + per), 0, side) for i in range(0, b, per)]
         else:  # token rows of one image per step
@@ -201,12 +207,6 @@ class PatchMiningConnector(Connector):
             pooled = torch.bmm(spread, x.transpose(1, 2))  # [g, t, C_hr]
             att = F.linear(pooled, w_v, b_v)  # [g, t, C]
             yield i0, i1, t0, t1, att, attn
-
-
-# token rows per step are capped so that a step's tokens x cells GEMM computes at most this
-# many times the scores it keeps (each token is scored against its rows' cells, then cut to
-# its own M x M block)
-_ROW_TOKENS = 32
 
 
 def _diag(full: torch.Tensor, rr: int, side: int, m: int) -> torch.Tensor:
