@@ -41,7 +41,6 @@ from minigem.connectors.base import CONNECTORS, Connector
 from minigem.connectors.mlp import make_projector
 from minigem.vision.base import VisionFeatures
 
-
 # tokens per step (whole images, or token rows) are capped so that a step's tokens x cells GEMM
 # computes at most this many times the scores it keeps (each token is scored against every
 # cell of the step, then cut to its own M x M block)
