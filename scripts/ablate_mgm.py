@@ -72,6 +72,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="start the mgm arms from this Mini-Gemini checkpoint (HR tower and mining as it "
                          "has them, e.g. `probe_mining.py --train-hr --save DIR`) instead of a fresh HR "
                          "tower; the rest of the model must be --base's")
+    ap.add_argument("--glyph-init", action="store_true",
+                    help="build the mgm arms' init here (docs/mini-gemini.md): after the HR pretraining "
+                         "(--hr-steps, --freeze-hr), probe_mining.py trains tower + mining on per-object "
+                         "glyph targets, then mining + projector (--keep-on mined); not counted in the "
+                         "arms' budget")
+    ap.add_argument("--init-steps", type=int, nargs=2, default=[3000, 1500], metavar=("MINING", "PROJECTOR"),
+                    help="--glyph-init: probe_mining.py steps of its two stages")
+    ap.add_argument("--init-scenes", type=int, nargs=2, default=[3000, 500], metavar=("TRAIN", "TEST"),
+                    help="--glyph-init: probe_mining.py's training and held-out scenes")
     ap.add_argument("--num-workers", type=int, default=0, help="data loader processes (training)")
     ap.add_argument("--arms", default="lr,mgm", help="comma-separated subset of lr,mgm,mgm-hd")
     return ap.parse_args(argv)
@@ -145,6 +154,25 @@ def check_mgm_init(base: Path, init: Path) -> None:
                          f"({len(moved)} tensors, e.g. {moved[0]})")
 
 
+def glyph_init(args: argparse.Namespace, out: Path, hr_final: Path) -> tuple[Path, float]:
+    """The mgm arms' init from the pretrained HR tower, by scripts/probe_mining.py: tower + mining
+    on per-object glyph targets, then mining + projector with what the LLM sees kept near the
+    base's (`--keep-on mined`). Returns (the second stage's checkpoint, wall seconds of both)."""
+    mined, proj = out / "init" / "glyph-mined", out / "init" / "glyph-proj"
+    (mining_steps, proj_steps), (train, test) = args.init_steps, args.init_scenes
+    common = ["--train-scenes", str(train), "--test-scenes", str(test), "--threads", str(args.threads)]
+    script, total = ROOT / "scripts" / "probe_mining.py", 0.0
+    for argv in (["--model", str(hr_final), "--variants", "mining", "--train-hr", "--steps", str(mining_steps),
+                  "--report", str(max(1, mining_steps // 6)), "--save", str(mined)],
+                 ["--model", str(mined), "--variants", "projector", "--keep-on", "mined",
+                  "--keep-scenes", str(min(1000, train)), "--steps", str(proj_steps),
+                  "--report", str(max(1, proj_steps // 6)), "--save", str(proj)]):
+        report, wall = run_cli([*argv, *common], args.threads, ROOT, script=script)
+        print(report, end="", flush=True)
+        total += wall
+    return proj, total
+
+
 def base_recipe(args: argparse.Namespace, out: Path, name: str, init_from: Path, stage: dict) -> dict:
     return {"training": {"output_dir": str(out / "runs" / name), "seed": 0, "bf16": "auto",
                          "num_workers": args.num_workers,
@@ -187,7 +215,12 @@ def table(res: dict) -> str:
                    for c in cats)]
         lines.append("| " + " | ".join(cells) + " |")
     s = res["setup"]
-    if s.get("mgm_init"):
+    if s.get("glyph_init"):
+        g = s["glyph_init"]
+        hr = (f"HR tower pretrained {s['hr_steps']} steps, then tower + mining ({g['steps'][0]} steps) and mining "
+              f"+ projector ({g['steps'][1]} steps) on per-object glyph targets ({s['hr_pretrain_s'] + g['s']:.0f} s "
+              "in all, not counted in the arms' budget)")
+    elif s.get("mgm_init"):
         hr = f"mgm arms from `{s['mgm_init']}` (its HR tower, mining and projector as they are; their pretraining is not counted in the arms' budget)"
     elif s["hr_steps"]:
         hr = f"HR tower pretrained {s['hr_steps']} steps ({s['hr_pretrain_s']:.0f} s, not counted in the arms' budget)"
@@ -213,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown arm(s) {bad}; valid: lr, mgm, mgm-hd")
     if args.hr_only and args.hr_steps <= 0:
         raise SystemExit("--hr-only needs --hr-steps N (N > 0)")
+    if args.glyph_init and (args.mgm_init or args.hr_only or args.hr_steps <= 0 or not args.freeze_hr):
+        raise SystemExit("--glyph-init builds the mgm init from a pretrained, frozen HR tower: give "
+                         "--hr-steps N --freeze-hr, without --mgm-init / --hr-only")
     mgm_init = None
     if args.mgm_init:
         if args.hr_steps > 0 or args.hr_only:
@@ -238,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.hr_steps > 0:  # pretrain the HR tower once (the contrastive stage trains only it)
             hr_final, wall = run("hr-pretrain", hr_pretrain_recipe(args, out, hr_final, "hr-pretrain"))
             res["setup"]["hr_pretrain_s"] = wall
+        if args.glyph_init:
+            hr_final, wall = glyph_init(args, out, hr_final)
+            res["setup"]["glyph_init"] = {"steps": args.init_steps, "scenes": args.init_scenes, "s": wall}
         inits["mgm"] = hr_final
         if args.hr_only:
             print(f"HR tower pretrained: {hr_final}")

@@ -240,3 +240,38 @@ def test_probe_save_and_mgm_init(base, tiny_tokenizer, tmp_path, capsys):
     want = model.vision_tower_aux.state_dict()
     got = load_model(out / "runs" / "mgm" / "final").vision_tower_aux.state_dict()
     assert all(torch.equal(want[k], v) for k, v in got.items())
+
+
+@pytest.mark.slow
+def test_glyph_init_builds_the_mgm_init_in_one_command(tiny_tokenizer, tmp_path, capsys):
+    """--glyph-init: HR pretraining, then probe_mining's two stages, then the mgm arm from their
+    result (the chain of docs/mini-gemini.md as one command); bad combinations are refused."""
+    from conftest import mgm_config
+
+    mod = _script()
+    cfg = mgm_config()  # its LR side alone: one token per cell of the world's 3x3 grid, as the probe needs
+    cfg = cfg.model_copy(update={"vision_aux": None, "connector": cfg.connector.model_copy(update={"type": "mlp2x_gelu"})})
+    base = save_model(build_tiny_model(cfg, tiny_tokenizer), tmp_path / "base")
+    out = tmp_path / "abl"
+    for bad in (["--glyph-init"], ["--glyph-init", "--hr-steps", "1"],
+                ["--glyph-init", "--hr-steps", "1", "--freeze-hr", "--hr-only"]):
+        with pytest.raises(SystemExit, match="--glyph-init builds the mgm init"):
+            mod.main(["--base", str(base), "--out", str(out), *bad])
+    assert mod.main(["--base", str(base), "--out", str(out), "--arms", "mgm", "--steps", "1", "--batch-size", "4",
+                     "--hr-steps", "1", "--freeze-hr", "--glyph-init", "--init-steps", "2", "2",
+                     "--init-scenes", "4", "2", "--n-test", "4", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "| mining |" in printed and "| projector |" in printed  # both probe stages reported
+    proj = out / "init" / "glyph-proj"
+    assert f"init_from: {proj}" in (out / "recipes" / "mgm.yaml").read_text()
+    res = json.loads((out / "ablation.json").read_text())
+    assert res["setup"]["glyph_init"]["steps"] == [2, 2] and res["setup"]["glyph_init"]["s"] > 0
+    assert "on per-object glyph targets" in (out / "ablation.md").read_text()
+    # the init moved the HR tower (mining stage) and the projector (projector stage) ...
+    pre = load_model(out / "runs" / "hr-pretrain" / "final").state_dict()
+    mined, init = load_model(out / "init" / "glyph-mined").state_dict(), load_model(proj).state_dict()
+    assert any(not torch.equal(pre[k], mined[k]) for k in pre if k.startswith("vision_tower_aux."))
+    assert any(not torch.equal(mined[k], init[k]) for k in init if k.startswith("connector.projector."))
+    # ... and the frozen-tower mgm arm started from it
+    after = load_model(out / "runs" / "mgm" / "final").state_dict()
+    assert all(torch.equal(init[k], after[k]) for k in init if k.startswith("vision_tower_aux."))

@@ -33,12 +33,14 @@ def ablation_parser(description: str, *, base: str, base_help: str, recipe: str,
     return ap
 
 
-def run_cli(argv: list[str] | tuple[str, ...], threads: int, cwd: str | Path | None = None) -> tuple[str, float]:
-    """Run `python -m minigem.cli ARGV` with `threads` intra-op threads; return (stdout, wall s).
+def run_cli(argv: list[str] | tuple[str, ...], threads: int, cwd: str | Path | None = None,
+            script: str | Path | None = None) -> tuple[str, float]:
+    """Run `python -m minigem.cli ARGV` (or `python SCRIPT ARGV`) with `threads` intra-op
+    threads; return (stdout, wall s).
 
     Progress bars go to stderr as usual; a failing command raises SystemExit naming it."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "minigem.cli", *argv]
+    cmd = [sys.executable, *([str(script)] if script else ["-m", "minigem.cli"]), *argv]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, text=True)
