@@ -19,10 +19,13 @@ Implementation (same math, far fewer FLOPs and less memory than the release):
   map is only normalised, scored and averaged: O(cells x C_hr) work instead of the
   release's O(cells x C_hr x 2C) K/V projections, M*M (64 at the released sizes) times
   fewer multiply-adds.
-- The map is processed a chunk at a time (whole images when they fit, else token rows of
-  one image), each chunk copied once to [tokens, M*M, C_hr] in fp32 and normalised in
-  place, so no [B, N, M*M, C_hr] copy of the whole map and no [N, H*W] attention mask ever
-  exist; temporaries are chunk-sized (``chunk_cells``).
+- The map is read where it lies ([C_hr, H, W]), a chunk at a time (whole images when they
+  fit, else token rows of one image): each chunk is centred per cell into one fp32 copy,
+  every token of the chunk is scored against all of the chunk's cells of its image in one
+  GEMM and its own M x M block kept (the LayerNorm's 1/std applied to the scores), and the
+  weighted sum is a second GEMM with the weights placed block-diagonally. No [B, N, M*M,
+  C_hr] copy of the whole map, no [N, H*W] attention mask, no K or V tensor; temporaries
+  are chunk-sized (``chunk_cells``).
 - Scores, softmax and the weighted sum run in fp32 whatever the input dtype (no NaN/inf
   from bf16/fp16 overflow, unlike the release's softmax in the model dtype).
 """
@@ -187,11 +190,9 @@ class PatchMiningConnector(Connector):
             # column, M column) order; centred per cell into a chunk-sized fp32 copy (in place
             # when converting from another dtype already made one and autograd does not need it)
             x = hr[i0:i1, :, r0 * m : r1 * m].reshape(g, c_hr, cells)
-            mu = x.float().mean(1, keepdim=True)
-            if x.dtype != torch.float32 and not x.requires_grad:
-                x = x.float().sub_(mu)
-            else:
-                x = x - mu
+            xf = x.float()  # x itself when it is fp32
+            mu = xf.mean(1, keepdim=True)
+            x = xf.sub_(mu) if xf is not x and not xf.requires_grad else xf - mu
             rstd = torch.rsqrt((x * x).mean(1) + eps)  # [g, cells]: the LayerNorm's 1/std
             rstd_b = _blocks(rstd, rr, side, m)  # [g, t, M*M]
             # every token of the chunk against every cell of its image rows (one GEMM), then each
