@@ -44,10 +44,10 @@ from minigem.connectors.base import CONNECTORS, Connector
 from minigem.connectors.mlp import make_projector
 from minigem.vision.base import VisionFeatures
 
-# tokens per step (whole images, or token rows) are capped so that a step's tokens x cells GEMM
+# tokens per step (of whole images, or of token rows) are capped so that a step's tokens x cells GEMM
 # computes at most this many times the scores it keeps (each token is scored against every
 # cell of the step, then cut to its own M x M block)
-_ROW_TOKENS = 32
+_STEP_TOKENS = 32
 
 
 def _ln_linear(dim_in: int, dim_out: int) -> nn.Sequential:
@@ -88,8 +88,10 @@ class PatchMiningConnector(Connector):
         self.vlm_uni_aux_projector = _ln_linear(aux_dim, vision_dim)  # keys
         self.vlm_uni_val_projector = _ln_linear(aux_dim, vision_dim)  # values
         self.projector = make_projector(projector, vision_dim, llm_dim)
-        # HR cells normalised and scored per step (whole images, or token rows of one image):
-        # bounds the temporaries. None = 16384 (docs/BENCHMARKS.md).
+        # HR cells per step at most (whole images, or token rows of one image; at least one row):
+        # bounds the temporaries (one fp32 copy of a step's cells). None = 16384. At the released
+        # sizes the token cap (_STEP_TOKENS) binds first (one row of 24 tokens, 1536 cells); for
+        # small maps it sets how many whole images share a step.
         self.chunk_cells = chunk_cells
 
     # ------------------------------------------------------------------ public
@@ -177,11 +179,11 @@ class PatchMiningConnector(Connector):
         qk, qb = q @ w_k, q @ b_k
         chunk = self.chunk_cells or 16384
         per_image = h * w
-        if per_image <= chunk and side * side <= _ROW_TOKENS:  # whole images per step
+        if per_image <= chunk and side * side <= _STEP_TOKENS:  # whole images per step
             per = chunk // per_image
             steps = [(i, min(b, i + per), 0, side) for i in range(0, b, per)]
         else:  # token rows of one image per step
-            rows = max(1, min(side, chunk // (m * w), _ROW_TOKENS // side))
+            rows = max(1, min(side, chunk // (m * w), _STEP_TOKENS // side))
             steps = [(i, i + 1, r, min(side, r + rows)) for i in range(b) for r in range(0, side, rows)]
         for i0, i1, r0, r1 in steps:
             g, rr = i1 - i0, r1 - r0
@@ -217,6 +219,7 @@ def _diag(full: torch.Tensor, rr: int, side: int, m: int) -> torch.Tensor:
 
 
 def _own_blocks(full: torch.Tensor, rr: int, side: int, m: int) -> torch.Tensor:
+    """[g, t, cells] -> [g, t, M*M]: each token's scores against its own M x M block only."""
     return _diag(full, rr, side, m).permute(0, 3, 4, 1, 2).reshape(full.shape[0], rr * side, m * m)
 
 
