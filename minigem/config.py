@@ -189,7 +189,9 @@ class StageConfig(StrictModel):
     """One training stage: what trains, on which data, with which optimiser settings."""
 
     name: str
-    kind: Literal["lm", "contrastive", "diffusion"] = "lm"
+    # lm: next-token loss on the answers; contrastive: CLIP-style tower pretraining; glyph: HR tower +
+    # mining on the synthetic world's per-object glyphs (minigem.training.glyph); diffusion: t2i
+    kind: Literal["lm", "contrastive", "glyph", "diffusion"] = "lm"
     train: list[Component]
     data: DataConfig
     eval_data: DataConfig | None = None
@@ -221,6 +223,10 @@ class StageConfig(StrictModel):
             raise ValueError("set exactly one of `steps` or `epochs`")
         if self.padding_free and self.kind != "lm":
             raise ValueError(f"padding_free is for `lm` stages (this one is {self.kind!r})")
+        if self.kind == "glyph" and (self.data.synth is None or self.group_by_length or (
+                self.eval_data is not None and self.eval_data.synth is None)):
+            raise ValueError("a `glyph` stage draws its scenes from the synthetic world: give `data.synth` "
+                             "(its seed, n and image_size are used; eval_data too) and no group_by_length")
         return self
 
 

@@ -156,6 +156,11 @@ class Trainer:
 
     def _data(self, stage: StageConfig):
         model = self.model
+        if stage.kind == "glyph":
+            from minigem.training.glyph import GlyphScenes, check_model
+
+            check_model(model, stage.name)
+            return None, GlyphScenes(stage.data.synth, model.processor)
         src = open_source(stage.data, model.config.image_token)
         if stage.kind == "contrastive":
             from minigem.training.contrastive import CaptionEncoder
@@ -187,6 +192,11 @@ class Trainer:
                                      image_feature_dim(model, stage.train),
                                      model.tokenizer.pad_token_id or 0).to(acc.device)
             params += list(heads.parameters())
+        elif stage.kind == "glyph":
+            from minigem.training.glyph import GlyphHead
+
+            heads = GlyphHead(model.connector.vision_dim).to(acc.device)
+            params += list(heads.parameters())
         opt = make_optimizer(params, stage)
         sched = make_scheduler(opt, stage, total)
         if state is not None:
@@ -216,8 +226,10 @@ class Trainer:
                                         rank=acc.process_index, world=acc.num_processes,
                                         lengths=lengths)
         pad = model.tokenizer.pad_token_id or 0
-        loader = DataLoader(ds, batch_sampler=sampler, collate_fn=partial(collate, pad_id=pad),
-                            num_workers=self.cfg.num_workers)
+        collate_fn = partial(collate, pad_id=pad)
+        if stage.kind == "glyph":
+            from minigem.training.glyph import collate_glyphs as collate_fn
+        loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_fn, num_workers=self.cfg.num_workers)
         eval_src = open_source(stage.eval_data, model.config.image_token) if stage.eval_data else None
         log.info("stage %d/%d %s (%s): %d steps, %s trainable params", idx + 1, len(self.cfg.stages),
                  stage.name, stage.kind, total, f"{n_train:,}")
@@ -240,7 +252,10 @@ class Trainer:
             sync = micro % stage.grad_accum == 0
             ctx = acc.no_sync(engine) if not sync and acc.num_processes > 1 else _null()
             with ctx, acc.autocast():
-                if heads is not None:
+                if stage.kind == "glyph":
+                    loss, gacc = heads(model, batch)
+                    extra["glyph_acc"] = extra.get("glyph_acc", 0.0) + gacc.item() / stage.grad_accum
+                elif heads is not None:
                     from minigem.training.contrastive import pooled_image_features
 
                     feats = pooled_image_features(model, batch, stage.train, stage.contrastive.pool)
@@ -255,7 +270,7 @@ class Trainer:
                         extra["aux_loss"] = extra.get("aux_loss", 0.0) + out.aux_loss.item() / stage.grad_accum
             acc.backward(loss / stage.grad_accum)
             run_loss += loss.item() / stage.grad_accum
-            seen += batch["input_ids"].shape[0] * acc.num_processes
+            seen += batch["pixel_values_aux" if stage.kind == "glyph" else "input_ids"].shape[0] * acc.num_processes
             if not sync:
                 continue
             if stage.max_grad_norm is not None:
@@ -276,7 +291,7 @@ class Trainer:
                 t0, seen = time.perf_counter(), 0
             run_loss, extra = 0.0, {}
             if eval_src is not None and self.cfg.eval_every and (step % self.cfg.eval_every == 0 or step == total):
-                self._evaluate(stage, step, eval_src)
+                self._evaluate(stage, step, eval_src, heads)
             if self.budget is not None:
                 self.budget -= 1
             if step % self.cfg.save_every == 0 or self.budget == 0:
@@ -315,7 +330,14 @@ class Trainer:
         save_checkpoint(self.out, self.acc.unwrap_model(self.model), state,
                         write=partial(write_model, state=full))
 
-    def _evaluate(self, stage: StageConfig, step: int, source) -> None:
+    def _evaluate(self, stage: StageConfig, step: int, source, heads=None) -> None:
+        if stage.kind == "glyph":  # held-out scenes: glyph accuracy of the stage's head
+            from minigem.training.glyph import held_out_accuracy
+
+            acc = held_out_accuracy(self.model, heads, stage.eval_data.synth)
+            self._log({"stage": stage.name, "step": step, "eval_glyph_acc": acc}, None)
+            log.info("eval at step %d: glyph accuracy %.1f%% on held-out scenes", step, 100 * acc)
+            return
         from minigem.evaluation.runner import evaluate
 
         report = evaluate(self.model, source, limit=256)
