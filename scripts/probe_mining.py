@@ -14,7 +14,8 @@ head maps it to the glyph (chance 1/16), and only the variant and the head train
 cross-entropy). Accuracy is measured on objects of held-out scenes. With --train-hr the HR tower
 trains too; with --save (and the `mining` variant) the model with its tower and mining layers as
 trained is written out: a glyph-supervised pretraining of tower + mining, the init that
-`scripts/ablate_mgm.py --mgm-init DIR` starts its mgm arm from.
+`scripts/ablate_mgm.py --mgm-init DIR` starts its mgm arm from. A recipe does the `mining
+--train-hr` job with a `kind: glyph` stage (minigem/training/glyph.py), on a fresh scene per example.
 
 Variants:
 - mining:     the model's own patch-mining layers (LayerNorm+Linear Q/K/V, one head, 1/sqrt(C)),
