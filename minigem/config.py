@@ -185,6 +185,24 @@ class ContrastiveConfig(StrictModel):
     pool: Literal["mean", "max"] = "mean"
 
 
+class GlyphStageConfig(StrictModel):
+    """What the throwaway head of a `glyph` stage reads (minigem.training.glyph)."""
+
+    # mined: each cell's LR token plus its mined HR detail (trains the HR tower and the mining);
+    # projector: the projector's output for it, what the LLM sees (trains mining + projector)
+    read: Literal["mined", "projector"] = "mined"
+    # with read: projector, keep the projector's output for every cell (LR token + mined detail) near
+    # the stage's starting projector's output for the LR token alone (relative MSE, this weight): the
+    # LLM that learned the LR-only tokens still finds its objects when the detail is added
+    keep_weight: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _keep(self) -> GlyphStageConfig:
+        if self.keep_weight > 0 and self.read != "projector":
+            raise ValueError("glyph.keep_weight keeps the projector's output: set glyph.read: projector")
+        return self
+
+
 class StageConfig(StrictModel):
     """One training stage: what trains, on which data, with which optimiser settings."""
 
@@ -216,11 +234,17 @@ class StageConfig(StrictModel):
     # end the stage with an exponential moving average of its trainable weights (minigem.training.ema)
     ema_decay: float | None = Field(None, gt=0, lt=1)
     contrastive: ContrastiveConfig = Field(default_factory=ContrastiveConfig)  # kind=contrastive
+    glyph: GlyphStageConfig = Field(default_factory=GlyphStageConfig)  # kind=glyph
+    # false: a Mini-Gemini trains as its LR-only LLaVA (the HR tower is not run, the mining adds
+    # nothing: the LLM sees the projector's output for the LR tokens alone); `lm` stages only
+    use_hr: bool = True
 
     @model_validator(mode="after")
     def _budget(self) -> StageConfig:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of `steps` or `epochs`")
+        if not self.use_hr and self.kind != "lm":
+            raise ValueError(f"use_hr: false is for `lm` stages (this one is {self.kind!r})")
         if self.padding_free and self.kind != "lm":
             raise ValueError(f"padding_free is for `lm` stages (this one is {self.kind!r})")
         if self.kind == "glyph" and (self.data.synth is None or self.group_by_length or (

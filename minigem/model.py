@@ -59,6 +59,9 @@ class VisionLanguageModel(nn.Module):
         self.vision_tower_aux = vision_tower_aux
         self.connector = connector
         self.language_model = language_model
+        # False: a Mini-Gemini runs as its LR-only LLaVA (HR tower not run, nothing mined; a
+        # training stage's `use_hr: false`)
+        self.use_hr = True
         self.processor = ImageProcessor.from_config(config, vision_tower.image_size)
         self.template = get_template(config.template)
         self.image_token_id: int = tokenizer.convert_tokens_to_ids(config.image_token)
@@ -127,8 +130,11 @@ class VisionLanguageModel(nn.Module):
     ) -> torch.Tensor:
         """[n_images * views, 3, S, S] (+ HR [n_images, 3, H, H]) -> [n_images, T, D]."""
         low = self.vision_tower(pixel_values)  # [n*V, N, C]
-        high = None
-        if self.vision_tower_aux is not None:
+        if self.vision_tower_aux is None:
+            tokens = self.connector(VisionFeatures(low, None))
+        elif not self.use_hr:
+            tokens = self.connector.lr_only(low)  # what the mining gives with nothing mined
+        else:
             if pixel_values_aux is None:
                 raise DataError("this model has a high-res tower: pixel_values_aux is required")
             high = self.vision_tower_aux(pixel_values_aux.to(low.dtype))  # [n, C_hr, H/4, W/4]
@@ -136,7 +142,7 @@ class VisionLanguageModel(nn.Module):
                 from minigem.vision.hd import split_hr_views
 
                 high = split_hr_views(high, self.processor.grid, self.processor.global_view)
-        tokens = self.connector(VisionFeatures(low, high))  # [n*V, N, D]
+            tokens = self.connector(VisionFeatures(low, high))  # [n*V, N, D]
         n = tokens.shape[0] // self.processor.views_per_image
         return tokens.reshape(n, -1, tokens.shape[-1])  # [n, V*N, D]
 

@@ -54,7 +54,7 @@ def test_scenes_label_each_glyphed_cell(tiny_tokenizer):
     batch = collate_glyphs([scenes[i] for i in range(3)])
     assert batch["glyphs"].shape == (3, 9) and batch["pixel_values"].shape[0] == 3
     # the head reads exactly the glyphed cells of the mined tokens
-    head = GlyphHead(model.connector.vision_dim)
+    head = GlyphHead(model)
     loss, acc = head(model, batch)
     from minigem.vision.base import VisionFeatures
 
@@ -90,7 +90,7 @@ def test_glyph_stage_learns(tiny_tokenizer):
     model = build_tiny_model(mgm_config(), tiny_tokenizer)
     cfg = StageConfig.model_validate({**GLYPH, "data": {"synth": {"n": 6, "seed": 1, "image_size": 96}}}).data.synth
     batch = collate_glyphs([GlyphScenes(cfg, model.processor)[i] for i in range(6)])
-    head = GlyphHead(model.connector.vision_dim)
+    head = GlyphHead(model)
     params = [*head.parameters(), *model.vision_tower_aux.parameters(),
               *(p for n, p in model.connector.named_parameters() if n.startswith("vlm_uni_"))]
     opt = torch.optim.AdamW(params, lr=3e-3)
@@ -131,16 +131,18 @@ def test_glyph_stage_resumes_exactly(mgm_dir, tmp_path):
 
 
 def test_tiny_mgm_recipe_runs_every_stage(tmp_path):
-    """recipes/tiny-mgm.yaml: the bundled Mini-Gemini's five stages, each one step on a shrunken
+    """recipes/tiny-mgm.yaml: the bundled Mini-Gemini's six stages, each one step on a shrunken
     model, through the CLI; the result is a Mini-Gemini that chats."""
     path = Path(__file__).resolve().parents[1] / "recipes" / "tiny-mgm.yaml"
     recipe = load_recipe(path)
     st = recipe.training.stages
-    assert [(s.name, s.kind) for s in st] == [("contrastive", "contrastive"), ("hr-contrastive", "contrastive"),
-                                              ("mining", "glyph"), ("instruct", "lm"), ("polish", "lm")]
-    assert [s.train for s in st] == [["vision"], ["vision_aux"], ["vision_aux", "mining"], ["projector", "llm"],
-                                     ["vision", "projector", "llm"]]
-    assert st[1].contrastive.pool == "max" and st[1].data.synth.tasks == ["glyphs"]
+    assert [(s.name, s.kind, s.use_hr) for s in st] == [
+        ("contrastive", "contrastive", True), ("llava", "lm", False), ("hr-contrastive", "contrastive", True),
+        ("mining", "glyph", True), ("keep", "glyph", True), ("mgm", "lm", True)]
+    assert [s.train for s in st] == [["vision"], ["connector", "llm"], ["vision_aux"], ["vision_aux", "mining"],
+                                     ["mining", "projector"], ["connector", "llm"]]
+    assert st[2].contrastive.pool == "max" and st[2].data.synth.tasks == ["glyphs"]
+    assert (st[3].glyph.read, st[4].glyph.read, st[4].glyph.keep_weight) == ("mined", "projector", 1.0)
     assert all(s.data.synth.image_size == recipe.model.vision_aux.image_size == 96 for s in st[1:])
     assert recipe.model.connector.type == "patch_mining" and recipe.model.connector.pool == 2
     overrides = [
@@ -151,7 +153,7 @@ def test_tiny_mgm_recipe_runs_every_stage(tmp_path):
         "model.vision.config.hidden_size=32", "model.vision.config.intermediate_size=64",
         "model.vision.config.num_hidden_layers=1", "model.vision.config.num_attention_heads=2",
         'model.vision_aux.config={"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1]}',
-        "training.stages.mining.eval_data.synth.n=2",
+        "training.stages.mining.eval_data.synth.n=2", "training.stages.keep.eval_data.synth.n=2",
     ]
     for s in st:
         overrides += [f"training.stages.{s.name}.steps=1", f"training.stages.{s.name}.batch_size=2"]

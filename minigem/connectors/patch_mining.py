@@ -100,6 +100,11 @@ class PatchMiningConnector(Connector):
         """[B, N, C] low-res + [B, C_hr, H, W] HR -> visual tokens [B, N, D]."""
         return self.projector(self.mine(feats))
 
+    def lr_only(self, low_res: torch.Tensor) -> torch.Tensor:
+        """The LR-only LLaVA inside this connector: the projector on the pooled LR tokens, nothing
+        mined (equal to `forward` with a zero value projection). [B, N, C] -> [B, N, D]."""
+        return self.projector(self.pooled(low_res).to(self.vlm_uni_query_projector[1].weight.dtype))
+
     def mine(self, feats: VisionFeatures) -> torch.Tensor:
         """Q + mined HR detail, before the projector: [B, N, C]."""
         q_raw, hr = self._check(feats)

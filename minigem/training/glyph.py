@@ -5,7 +5,9 @@ draws scenes with glyphs (a fresh scene per index, deterministic), runs both tow
 (`connector.mine`: each LR token plus what it mined from its own HR sub-region), and a linear head,
 which exists only for this stage, reads each glyphed object's glyph from the token of its cell
 (cross-entropy, chance 1/16). What trains is the stage's `train` list, usually
-`[vision_aux, mining]`.
+`[vision_aux, mining]`. With `glyph: {read: projector, keep_weight: w}` the head reads the
+projector's output instead (what the LLM sees) and the stage trains `[mining, projector]`, keeping
+the projector's output near what an LLM trained without the HR path saw (`GlyphHead`).
 
 Why it exists (docs/mini-gemini.md, sixth to twelfth sessions): under the LM loss alone the
 single-head mining never learned to pass a 5x7 px glyph on, even from an HR tower that reads
@@ -17,6 +19,7 @@ of the world's 3 x 3 grid.
 
 from __future__ import annotations
 
+import copy
 import random
 from typing import Any
 
@@ -73,20 +76,42 @@ def check_model(model, stage_name: str) -> None:
 
 
 class GlyphHead(nn.Module):
-    """Linear glyph classifier on each cell's mined token; `forward` gives (loss, accuracy)."""
+    """Linear glyph classifier on each glyphed cell's token; `forward` gives (loss, accuracy).
 
-    def __init__(self, dim: int) -> None:
+    read "mined": the token is the LR token plus its mined detail (`connector.mine`). read
+    "projector": the projector's output for it, what the LLM sees; with keep_weight > 0 the loss
+    adds keep_weight x the relative MSE between that output, on every cell, and the output of the
+    projector as the stage found it for the LR token alone (`connector.lr_only`): the glyph is
+    pushed through the projector while what an LLM trained on the LR-only tokens sees moves as
+    little as it can. The starting projector is kept here, frozen, so a resumed stage keeps the
+    same target.
+    """
+
+    def __init__(self, model, read: str = "mined", keep_weight: float = 0.0) -> None:
         super().__init__()
+        self.read, self.keep_weight = read, keep_weight
+        conn = model.connector
+        if read == "projector":
+            dim = model.language_model.get_input_embeddings().weight.shape[1]
+            self.start = copy.deepcopy(conn.projector).requires_grad_(False) if keep_weight > 0 else None
+        else:
+            dim, self.start = conn.vision_dim, None
         self.head = nn.Linear(dim, len(GLYPHS))
 
     def forward(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         low = model.vision_tower(batch["pixel_values"])  # [B, N, C]
         high = model.vision_tower_aux(batch["pixel_values_aux"].to(low.dtype))
-        mined = model.connector.mine(VisionFeatures(low, high))  # [B, 9, C]
+        tokens = model.connector.mine(VisionFeatures(low, high))  # [B, 9, C]
+        if self.read == "projector":
+            tokens = model.connector.projector(tokens)  # [B, 9, D]
         target = batch["glyphs"].flatten()
         keep = target >= 0
-        logits = self.head(mined.flatten(0, 1)[keep].float())
+        logits = self.head(tokens.flatten(0, 1)[keep].float())
         loss = F.cross_entropy(logits, target[keep])
+        if self.start is not None:
+            with torch.no_grad():
+                want = self.start(model.connector.pooled(low)).float()
+            loss = loss + self.keep_weight * F.mse_loss(tokens.float(), want) / want.pow(2).mean()
         acc = (logits.argmax(-1) == target[keep]).float().mean()
         return loss, acc
 

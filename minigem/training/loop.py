@@ -195,8 +195,8 @@ class Trainer:
         elif stage.kind == "glyph":
             from minigem.training.glyph import GlyphHead
 
-            heads = GlyphHead(model.connector.vision_dim).to(acc.device)
-            params += list(heads.parameters())
+            heads = GlyphHead(model, stage.glyph.read, stage.glyph.keep_weight).to(acc.device)
+            params += [p for p in heads.parameters() if p.requires_grad]
         opt = make_optimizer(params, stage)
         sched = make_scheduler(opt, stage, total)
         if state is not None:
@@ -210,7 +210,7 @@ class Trainer:
         # FSDP replaces the parameters with sharded ones (the optimizer follows): clip those
         params = [p for p in engine.parameters() if p.requires_grad]
         if heads is not None:
-            params += list(heads.parameters())
+            params += [p for p in heads.parameters() if p.requires_grad]
         if stage.ema_decay is not None:
             from accelerate.utils import DistributedType
 
@@ -300,10 +300,12 @@ class Trainer:
                 if bar is not None:
                     bar.close()
                 padfree.disable(model.language_model, attn_prev)
+                model.use_hr = True
                 return False
         if bar is not None:
             bar.close()
         padfree.disable(model.language_model, attn_prev)
+        model.use_hr = True
         if ema is not None:
             ema.finish(stage.name)
         self._save(idx + 1, 0, None, None, None)  # stage boundary: resume starts the next stage

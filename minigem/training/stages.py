@@ -52,6 +52,10 @@ def component_parameters(model, name: str) -> Iterator[tuple[str, nn.Parameter]]
 
 def apply_stage(model, stage: StageConfig) -> int:
     """Freeze everything, unfreeze the stage's components; return the trainable count."""
+    if not stage.use_hr and (model.vision_tower_aux is None or not hasattr(model.connector, "lr_only")):
+        raise ConfigError(f"training.stages.{stage.name}.use_hr: false runs a Mini-Gemini as its LR-only "
+                          "LLaVA; this model has no high-res path to leave out")
+    model.use_hr = stage.use_hr
     for p in model.parameters():
         p.requires_grad_(False)
     for comp in stage.train:
@@ -59,7 +63,7 @@ def apply_stage(model, stage: StageConfig) -> int:
             p.requires_grad_(True)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log.info("stage %s: training %s (%s of %s parameters)", stage.name, ", ".join(stage.train),
-             f"{n:,}", f"{total:,}")
+    log.info("stage %s: training %s (%s of %s parameters)%s", stage.name, ", ".join(stage.train),
+             f"{n:,}", f"{total:,}", "" if stage.use_hr else ", high-res path off")
     model.train()
     return n
