@@ -24,6 +24,10 @@ GLYPH = {"name": "mining", "kind": "glyph", "train": ["vision_aux", "mining"],
          "lr": 1e-3, "batch_size": 4, "steps": 3}
 
 
+KEEP = {**GLYPH, "name": "keep", "train": ["mining", "projector"],
+        "glyph": {"read": "projector", "keep_weight": 1.0}, "lr": 3e-3}
+
+
 def _recipe(tmp_path: Path, init: Path, stage: dict, **training) -> Path:
     data = {"training": {"output_dir": str(tmp_path / "run"), "seed": 0, "bf16": "off", "log_every": 1,
                          "save_every": 1000, "eval_every": 3, "init_from": str(init), **training,
@@ -115,10 +119,14 @@ def test_glyph_stage_errors(tiny_saved_model, mgm_dir, tmp_path, capsys):
     assert "draws its scenes from the synthetic world" in capsys.readouterr().err
 
 
-def test_glyph_stage_resumes_exactly(mgm_dir, tmp_path):
+@pytest.mark.parametrize("keep", [False, True])
+def test_glyph_stage_resumes_exactly(mgm_dir, tmp_path, keep):
     """Interrupted after 2 of 4 steps and resumed, the stage ends where an uninterrupted run does
-    (the head's weights travel in the checkpoint; the scenes are a function of their index)."""
+    (the head's weights travel in the checkpoint, and with `keep_weight` the starting projector
+    the outputs are kept near; the scenes are a function of their index)."""
     stage = {**GLYPH, "steps": 4}
+    if keep:
+        stage = {**KEEP, "steps": 4}
     whole = _recipe(tmp_path / "a", mgm_dir, stage, eval_every=None)
     assert main(["train", str(whole)]) == 0
     cut = _recipe(tmp_path / "b", mgm_dir, stage, eval_every=None)
@@ -162,3 +170,54 @@ def test_tiny_mgm_recipe_runs_every_stage(tmp_path):
     assert model.vision_tower_aux is not None and model.tokens_per_image == 9
     assert isinstance(model.chat(render(make_scene(random.Random(0)), 96), "What is written on the circle?",
                                  max_new_tokens=2), str)
+
+
+def test_glyph_read_projector_keeps_the_lr_only_output(tiny_tokenizer):
+    """`glyph: {read: projector, keep_weight: w}`: the head reads the projector's output for the
+    glyphed cells, and the loss adds w x the relative MSE of that output, on every cell, against
+    the starting projector's output for the LR token alone; the starting projector is frozen."""
+    from minigem.vision.base import VisionFeatures
+
+    torch.manual_seed(0)
+    model = build_tiny_model(mgm_config(), tiny_tokenizer)
+    cfg = StageConfig.model_validate(KEEP).data.synth
+    batch = collate_glyphs([GlyphScenes(cfg, model.processor)[i] for i in range(3)])
+    head = GlyphHead(model, "projector", keep_weight=2.0)
+    assert head.head.in_features == model.language_model.config.hidden_size
+    assert not any(p.requires_grad for p in head.start.parameters())
+    with torch.no_grad():  # move the live projector away from the start, so the keep term is not 0
+        for p in model.connector.projector.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    loss, _ = head(model, batch)
+    with torch.no_grad():
+        low = model.vision_tower(batch["pixel_values"])
+        seen = model.connector(VisionFeatures(low, model.vision_tower_aux(batch["pixel_values_aux"])))
+        keep = batch["glyphs"].flatten() >= 0
+        ce = torch.nn.functional.cross_entropy(head.head(seen.flatten(0, 1)[keep]), batch["glyphs"].flatten()[keep])
+        start = head.start(model.connector.pooled(low))
+        rel = ((seen - start) ** 2).mean() / (start**2).mean()
+    assert rel > 1e-3
+    torch.testing.assert_close(loss, ce + 2.0 * rel)
+    # without keep_weight: the cross-entropy alone
+    loss0, _ = GlyphHead(model, "projector")(model, batch)
+    assert GlyphHead(model, "projector").start is None and loss0.shape == ()
+
+
+def test_keep_stage_trains_mining_and_projector_only(mgm_dir, tmp_path):
+    assert main(["train", str(_recipe(tmp_path, mgm_dir, KEEP))]) == 0
+    before, after = load_file(str(mgm_dir / "model.safetensors")), load_file(
+        str(tmp_path / "run" / "final" / "model.safetensors"))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("connector.projector.") for k in changed)
+    assert any(k.startswith("connector.vlm_uni_") for k in changed)
+    assert all(k.startswith(("connector.projector.", "connector.vlm_uni_")) for k in changed), sorted(changed)
+    assert before.keys() == after.keys()  # neither the head nor the starting projector is saved
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in recs if "eval_glyph_acc" in r]) == 1
+
+
+def test_glyph_config_errors():
+    with pytest.raises(ValueError, match="set glyph.read: projector"):
+        StageConfig.model_validate({**GLYPH, "glyph": {"keep_weight": 1.0}})
+    with pytest.raises(ValueError, match="use_hr: false is for `lm` stages"):
+        StageConfig.model_validate({**GLYPH, "use_hr": False})

@@ -1,0 +1,70 @@
+"""`use_hr: false`: a Mini-Gemini trains (and runs) as its LR-only LLaVA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from conftest import build_tiny_model, mgm_config
+from safetensors.torch import load_file
+
+from minigem.checkpoints.native import load_model, save_model
+from minigem.cli import main
+from minigem.data.synth import make_scene, render
+
+LLAVA = {"name": "llava", "use_hr": False, "train": ["connector", "llm"],
+         "data": {"synth": {"n": 32, "seed": 3, "image_size": 96}},
+         "lr": 1e-3, "batch_size": 2, "steps": 2}
+
+
+def _recipe(tmp_path, init, stage) -> str:
+    data = {"training": {"output_dir": str(tmp_path / "run"), "bf16": "off", "log_every": 1,
+                         "init_from": str(init), "stages": [stage]}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+def test_lr_only_equals_mining_with_nothing_mined(tiny_tokenizer):
+    import random
+
+    model = build_tiny_model(mgm_config(), tiny_tokenizer).eval()
+    pix = model.processor([render(make_scene(random.Random(i)), 96) for i in range(2)])
+    with torch.no_grad():
+        with_hr = model.encode_images(pix["pixel_values"], pix["pixel_values_aux"])
+        model.use_hr = False
+        model.vision_tower_aux.forward = None  # not run: calling it would fail
+        lr_only = model.encode_images(pix["pixel_values"], pix["pixel_values_aux"])
+        del model.vision_tower_aux.forward
+        model.use_hr = True
+        for p in model.connector.vlm_uni_val_projector[1].parameters():
+            p.zero_()
+        zero_v = model.encode_images(pix["pixel_values"], pix["pixel_values_aux"])
+    assert lr_only.shape == with_hr.shape == (2, model.tokens_per_image, model.language_model.config.hidden_size)
+    assert not torch.allclose(lr_only, with_hr)
+    torch.testing.assert_close(lr_only, zero_v)
+
+
+def test_use_hr_false_stage_leaves_the_hr_path_alone(tiny_tokenizer, tmp_path):
+    init = save_model(build_tiny_model(mgm_config(), tiny_tokenizer, seed=1), tmp_path / "mgm")
+    assert main(["train", _recipe(tmp_path, init, LLAVA)]) == 0
+    before = load_file(str(init / "model.safetensors"))
+    after = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("connector.projector.") for k in changed)
+    assert any(k.startswith("language_model.") for k in changed)
+    # the HR tower and the mining got no gradient; everything else may train
+    assert not any(k.startswith(("vision_tower_aux.", "connector.vlm_uni_")) for k in changed), sorted(changed)
+    assert load_model(tmp_path / "run" / "final").use_hr  # a flag of the stage, not of the model
+
+
+def test_use_hr_false_needs_a_hr_path(tiny_saved_model, tmp_path, capsys):
+    assert main(["train", _recipe(tmp_path, tiny_saved_model, LLAVA)]) == 2
+    assert "use_hr: false runs a Mini-Gemini as its LR-only LLaVA" in capsys.readouterr().err
+
+
+def test_use_hr_is_for_lm_stages():
+    from minigem.config import StageConfig
+
+    with pytest.raises(ValueError, match="use_hr: false is for `lm` stages"):
+        StageConfig.model_validate({**LLAVA, "kind": "contrastive"})
