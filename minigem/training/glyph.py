@@ -92,7 +92,7 @@ class GlyphHead(nn.Module):
         self.read, self.keep_weight = read, keep_weight
         conn = model.connector
         if read == "projector":
-            dim = model.language_model.get_input_embeddings().weight.shape[1]
+            dim = model.language_model.config.hidden_size
             self.start = copy.deepcopy(conn.projector).requires_grad_(False) if keep_weight > 0 else None
         else:
             dim, self.start = conn.vision_dim, None
