@@ -83,9 +83,11 @@ class VisionLanguageModel(nn.Module):
         aux = None
         aux_dim = None
         if config.vision_aux is not None:
+            from minigem.rng import own_stream
             from minigem.vision.convnext import build_hr_tower
 
-            aux = build_hr_tower(config.vision_aux)
+            with own_stream(0x4D474D01):  # the LLaVA parts keep a LLaVA's init (minigem.rng)
+                aux = build_hr_tower(config.vision_aux)
             aux_dim = aux.out_channels
         lm = build_llm(config.llm, vocab_size=len(tokenizer))
         if config.ffn_widen is not None:

@@ -42,6 +42,7 @@ from torch import nn
 from minigem.config import ConnectorConfig
 from minigem.connectors.base import CONNECTORS, Connector
 from minigem.connectors.mlp import make_projector
+from minigem.rng import own_stream
 from minigem.vision.base import VisionFeatures
 
 # tokens per step (of whole images, or of token rows) are capped so that a step's tokens x cells GEMM
@@ -84,10 +85,14 @@ class PatchMiningConnector(Connector):
     ) -> None:
         super().__init__()
         self.vision_dim, self.aux_dim = vision_dim, aux_dim
-        self.vlm_uni_query_projector = _ln_linear(vision_dim, vision_dim)
-        self.vlm_uni_aux_projector = _ln_linear(aux_dim, vision_dim)  # keys
-        self.vlm_uni_val_projector = _ln_linear(aux_dim, vision_dim)  # values
-        self.projector = make_projector(projector, vision_dim, llm_dim)
+        # the projector draws first from the global RNG, as a LLaVA's does; the mining projections
+        # from a stream of their own (minigem.rng), so the projector starts as the LLaVA's
+        proj = make_projector(projector, vision_dim, llm_dim)
+        with own_stream(0x4D474D02):
+            self.vlm_uni_query_projector = _ln_linear(vision_dim, vision_dim)
+            self.vlm_uni_aux_projector = _ln_linear(aux_dim, vision_dim)  # keys
+            self.vlm_uni_val_projector = _ln_linear(aux_dim, vision_dim)  # values
+        self.projector = proj
         # HR cells per step at most (whole images, or token rows of one image; at least one row):
         # bounds the temporaries (one fp32 copy of a step's cells). None = 16384. At the released
         # sizes the token cap (_STEP_TOKENS) binds first (one row of 24 tokens, 1536 cells); for
