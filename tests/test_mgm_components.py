@@ -429,3 +429,26 @@ def test_hd_pipeline_tokens() -> None:
     with torch.no_grad():
         out = conn(VisionFeatures(torch.randn(lr.shape[0], 4, C), hr))
     assert out.shape == (5, 4, D)
+
+
+def test_mgm_starts_from_the_same_seed_llava(tiny_tokenizer) -> None:
+    """The HR tower and the mining projections draw from streams of their own (minigem.rng): every
+    weight a Mini-Gemini shares with its LR-only LLaVA (same config without the HR path, same
+    seed) starts equal, and the extras still differ from seed to seed."""
+    from conftest import build_tiny_model, mgm_config
+
+    mgm_cfg = mgm_config()
+    llava_cfg = mgm_cfg.model_copy(update={"vision_aux": None,
+                                           "connector": ConnectorConfig(type="mlp2x_gelu")})
+    mgm = build_tiny_model(mgm_cfg, tiny_tokenizer, seed=3).state_dict()
+    llava = build_tiny_model(llava_cfg, tiny_tokenizer, seed=3).state_dict()
+    assert set(llava) < set(mgm)
+    for key, value in llava.items():
+        torch.testing.assert_close(mgm[key], value, rtol=0, atol=0, msg=key)
+    extras = [k for k in mgm if k not in llava]
+    assert any(k.startswith("vision_tower_aux.") for k in extras)
+    assert any(k.startswith("connector.vlm_uni_") for k in extras)
+    other = build_tiny_model(mgm_cfg, tiny_tokenizer, seed=4).state_dict()
+    for key in extras:
+        if key.endswith("weight") and mgm[key].ndim > 1:  # LayerNorm weights start at 1 anyway
+            assert not torch.equal(mgm[key], other[key]), key
