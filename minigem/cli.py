@@ -70,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--predictions", default=None, metavar="FILE",
                    help="also write every record's prediction, reference and score as JSONL")
+    p.add_argument("--no-hr", action="store_true",
+                   help="score a Mini-Gemini as its LR-only LLaVA (HR tower not run, nothing mined)")
     _add_device_args(p)
 
     p = sub.add_parser("data", help="data tools")

@@ -189,6 +189,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise DataError(f"--predictions {args.predictions}: folder {Path(args.predictions).resolve().parent} "
                         "does not exist")
     model = load(args.model, args)
+    if args.no_hr:
+        if model.vision_tower_aux is None or not hasattr(model.connector, "lr_only"):
+            raise MinigemError(f"--no-hr: the model {args.model or 'bundled'} has no high-res path "
+                               "(not a Mini-Gemini)")
+        model.use_hr = False
     source = LlavaJsonDataset(args.data, args.image_folder, image_token=model.config.image_token)
     report = evaluate(model, source, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       limit=args.limit, keep_examples=len(source) if args.predictions else 0)
@@ -275,6 +280,11 @@ def cmd_inspect_routing(args: argparse.Namespace) -> int:
     from minigem.evaluation.routing import collect_routing, plot_routing
 
     model = load(args.model, args)
+    if args.no_hr:
+        if model.vision_tower_aux is None or not hasattr(model.connector, "lr_only"):
+            raise MinigemError(f"--no-hr: the model {args.model or 'bundled'} has no high-res path "
+                               "(not a Mini-Gemini)")
+        model.use_hr = False
     source = LlavaJsonDataset(args.data, args.image_folder, image_token=model.config.image_token)
     stats = collect_routing(model, source, limit=args.limit)
     plot_routing(stats, args.out)

@@ -72,3 +72,39 @@ def test_use_hr_is_for_lm_stages():
 
     with pytest.raises(ValueError, match="use_hr: false is for `lm` stages"):
         StageConfig.model_validate({**LLAVA, "kind": "contrastive"})
+
+
+def test_eval_no_hr_scores_the_lr_only_llava(tiny_tokenizer, tiny_data, tmp_path, capsys):
+    """`minigem eval --no-hr` answers as the LR-only LLaVA: the same predictions as the model with
+    nothing mined (value projection zero), even when the HR tower is broken (NaN weights), which
+    the HR path's answers show."""
+    import copy
+    import json
+
+    model = build_tiny_model(mgm_config(), tiny_tokenizer, seed=2)
+    nothing_mined = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in nothing_mined.connector.vlm_uni_val_projector[1].parameters():
+            p.zero_()
+        for p in model.vision_tower_aux.parameters():
+            p.fill_(float("nan"))
+    broken_hr, reference = save_model(model, tmp_path / "a"), save_model(nothing_mined, tmp_path / "b")
+
+    def predictions(path, *flags):
+        out = tmp_path / f"{path.name}{''.join(flags)}.jsonl"
+        args = ["eval", "--model", str(path), "--data", str(tiny_data),
+                "--image-folder", str(tiny_data.parent), "--max-new-tokens", "4", "--predictions", str(out)]
+        assert main(args + list(flags)) == 0
+        return [json.loads(line)["prediction"] for line in out.read_text().splitlines()]
+
+    want = predictions(reference)
+    assert predictions(broken_hr, "--no-hr") == want
+    assert predictions(broken_hr) != want  # the HR path is what --no-hr leaves out
+    capsys.readouterr()
+
+
+def test_eval_no_hr_needs_a_hr_path(tiny_saved_model, tiny_data, capsys):
+    args = ["eval", "--model", str(tiny_saved_model), "--data", str(tiny_data),
+            "--image-folder", str(tiny_data.parent), "--no-hr"]
+    assert main(args) == 2
+    assert "has no high-res path (not a Mini-Gemini)" in capsys.readouterr().err
