@@ -280,11 +280,6 @@ def cmd_inspect_routing(args: argparse.Namespace) -> int:
     from minigem.evaluation.routing import collect_routing, plot_routing
 
     model = load(args.model, args)
-    if args.no_hr:
-        if model.vision_tower_aux is None or not hasattr(model.connector, "lr_only"):
-            raise MinigemError(f"--no-hr: the model {args.model or 'bundled'} has no high-res path "
-                               "(not a Mini-Gemini)")
-        model.use_hr = False
     source = LlavaJsonDataset(args.data, args.image_folder, image_token=model.config.image_token)
     stats = collect_routing(model, source, limit=args.limit)
     plot_routing(stats, args.out)

@@ -181,9 +181,9 @@ def test_mining_half_precision_large_inputs(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mining_softmax_fp32_no_nan(dtype: torch.dtype) -> None:
     conn = _connector()
-    with torch.no_grad():  # scores ~1e6: beyond fp16's range, coarse in bf16
-        conn.vlm_uni_query_projector[1].weight.mul_(300)
-        conn.vlm_uni_aux_projector[1].weight.mul_(300)
+    with torch.no_grad():  # scores ~1e7: beyond fp16's range, coarse in bf16
+        conn.vlm_uni_query_projector[1].weight.mul_(1000)
+        conn.vlm_uni_aux_projector[1].weight.mul_(1000)
         conn = conn.to(dtype)
         q, hr = torch.randn(2, 4, C).to(dtype), torch.randn(2, C_HR, 8, 8).to(dtype)
         out = conn(VisionFeatures(q, hr))
