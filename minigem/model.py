@@ -24,7 +24,7 @@ from minigem.config import ModelConfig
 from minigem.connectors import Connector, build_connector
 from minigem.data.records import Message
 from minigem.errors import DataError
-from minigem.llm.backbone import build_llm
+from minigem.llm.backbone import build_llm, cache_kwarg, output_cache
 from minigem.vision.base import VisionFeatures
 from minigem.vision.clip import CLIPTower, build_clip_tower
 from minigem.vision.processing import ImageProcessor
@@ -204,11 +204,11 @@ class VisionLanguageModel(nn.Module):
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             logits_to_keep=keep,
+            **{cache_kwarg(self.language_model): past_key_values},
         )
-        result = VLMOutput(logits=out.logits, past_key_values=out.past_key_values)
+        result = VLMOutput(logits=out.logits, past_key_values=output_cache(out))
         aux = self.moe_aux_loss()
         result.aux_loss = aux
         if labels is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 
 import torch
@@ -82,3 +84,27 @@ def _reinit(model: torch.nn.Module, std: float) -> None:
             torch.nn.init.normal_(mod.weight, std=std)
             if getattr(mod, "bias", None) is not None:
                 torch.nn.init.zeros_(mod.bias)
+
+
+def cache_kwarg(lm: torch.nn.Module) -> str:
+    """The name of the KV-cache argument of ``lm.forward``: ``cache`` from transformers 5.24
+    (``past_key_values`` is deprecated there and goes in 5.40), ``past_key_values`` before."""
+    return _cache_kwarg(type(lm))
+
+
+@functools.cache
+def _cache_kwarg(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def output_cache(out: object) -> object | None:
+    """The KV cache an HF model output carries, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def enable_checkpointing(lm: PreTrainedModel) -> None:
+    """Activation (gradient) checkpointing, non-reentrant, under the name this transformers has
+    (``activation_checkpointing_enable`` from 5.24, ``gradient_checkpointing_enable`` before)."""
+    enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+    enable({"use_reentrant": False})

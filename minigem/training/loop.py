@@ -175,7 +175,9 @@ class Trainer:
         torch.manual_seed(self.cfg.seed + idx)
         n_train = apply_stage(model, stage)
         if self.cfg.gradient_checkpointing:
-            model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
+            from minigem.llm.backbone import enable_checkpointing
+
+            enable_checkpointing(model.language_model)
             model.language_model.config.use_cache = False
             model.vision_tower.gradient_checkpointing = True
         src, ds = self._data(stage)
