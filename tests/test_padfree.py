@@ -17,6 +17,7 @@ from minigem.data.collate import SampleEncoder, collate
 from minigem.data.records import Message, Sample
 from minigem.errors import ConfigError, DataError
 from minigem.llm import padfree
+from minigem.llm.backbone import enable_checkpointing
 from minigem.training.stages import apply_stage
 
 FAMILIES = {
@@ -90,7 +91,7 @@ def test_packing_survives_gradient_checkpointing(tiny_tokenizer):
     m = _model(tiny_tokenizer)
     batch = _batch(m)
     _, grads = _loss_and_grads(m, batch, False)
-    m.language_model.gradient_checkpointing_enable({"use_reentrant": False})
+    enable_checkpointing(m.language_model)
     _, grads_pf = _loss_and_grads(m, batch, True)  # the recomputation must see the packing
     for g, g_pf in zip(grads, grads_pf, strict=True):
         torch.testing.assert_close(g_pf, g, rtol=1e-4, atol=1e-6)

@@ -30,6 +30,7 @@ from minigem.generation.decode import (
     left_pad,
     sample_next,
 )
+from minigem.llm.backbone import cache_kwarg
 
 # on_token(generation_so_far) -> False to cancel the row
 RowCallback = Callable[[Generation], bool | None]
@@ -181,7 +182,7 @@ class DecodeBatch:
         self.positions = self.positions + 1
         out = self.model.language_model(
             input_ids=nxt.unsqueeze(1), attention_mask=self.mask, position_ids=self.positions,
-            past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+            use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model.language_model): self.cache},
         )
         self.logits = out.logits[:, -1]
         return finished

@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from minigem.errors import MinigemError
+from minigem.llm.backbone import cache_kwarg
 
 
 @dataclass
@@ -138,6 +139,6 @@ def generate(
         positions = positions + 1
         out = model.language_model(
             input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=positions,
-            past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1,
+            use_cache=True, logits_to_keep=1, **{cache_kwarg(model.language_model): cache},
         )
     return outs
