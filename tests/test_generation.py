@@ -214,3 +214,18 @@ def test_bad_generation_settings(kw, message):
     with pytest.raises(MinigemError) as err:
         GenerationConfig(**kw)
     assert str(err.value) == message
+
+
+def test_no_deprecated_transformers_arguments(tiny_model):
+    """The decode loops pass the KV cache under the name the installed transformers uses (`cache`
+    from 5.24, where `past_key_values` warns and goes in 5.40): no FutureWarning from either loop."""
+    import warnings
+
+    from minigem.llm.backbone import cache_kwarg
+
+    assert cache_kwarg(tiny_model.language_model) in ("cache", "past_key_values")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        one = tiny_model.chat(*REQUESTS[0], max_new_tokens=N_NEW)
+        batch = tiny_model.chat_batch(REQUESTS[:2], max_new_tokens=N_NEW)
+    assert batch[0] == one

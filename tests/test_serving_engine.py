@@ -26,6 +26,7 @@ def prompts(model):
     return ids, model.processor(images)["pixel_values"]
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # the KV cache under the name transformers uses
 def test_rows_joining_and_leaving_match_generate(model, prompts):
     ids, pix = prompts
     gen = GenerationConfig(max_new_tokens=24, stop=("</s>",))
