@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from minigem.errors import ConfigError
 
@@ -140,13 +140,22 @@ class SynthConfig(StrictModel):
 
     n: int = Field(10000, gt=0)
     seed: int = 0
-    image_size: int = 128
+    # render side in pixels; a list renders each record at one of its sizes (drawn per record)
+    image_size: int | list[int] = 128
     tasks: list[str] | None = None  # categories to draw from; None = all
     mix: dict[str, float] | None = None  # category weights (overrides `tasks`); None = default mix
     max_turns: int = Field(4, ge=2)  # conversation records have 2..max_turns question-answer pairs
     # text-only records: the scene's caption stands in the user turn where the image would be
     # (pretrain an LLM on the world's questions without pixels; no image is rendered)
     scene_as_text: bool = False
+
+    @field_validator("image_size")
+    @classmethod
+    def _sizes(cls, v: int | list[int]) -> int | list[int]:
+        from minigem.data.synth import check_image_size
+
+        check_image_size(v)
+        return v
 
 
 class DataConfig(StrictModel):

@@ -215,6 +215,37 @@ def test_sample_and_source() -> None:
     assert make_sample(3, 10).messages != s.messages or make_sample(4, 9).messages != s.messages
 
 
+def test_several_render_sizes() -> None:
+    """`image_size: [a, b]` renders each record at one of the sizes, drawn per record and
+    reproducibly, with the same text as a one-size source; the glyph stage's scenes follow it."""
+    from minigem.config import SynthConfig
+    from minigem.training.glyph import GlyphScenes
+
+    sizes = [96, 144]
+    mixed, plain = SynthSource(40, 7, image_size=sizes), SynthSource(40, 7, image_size=96)
+    drawn = [mixed[i].images[0].size[0] for i in range(40) if mixed[i].images]
+    assert set(drawn) == set(sizes)  # both sizes occur
+    for i in range(40):
+        assert mixed[i].messages == plain[i].messages
+        if mixed[i].images:
+            side = synth.render_size(sizes, 7, i)
+            assert mixed[i].images[0].size == (side, side)
+            assert mixed[i].images[0].tobytes() == SynthSource(40, 7, image_size=side)[i].images[0].tobytes()
+
+    def processor(images):  # the pixels as they come, to compare renders
+        return {"pixel_values_aux": np.asarray(images[0])}
+
+    scenes = GlyphScenes(SynthConfig(n=20, seed=3, image_size=sizes), processor)
+    sides = {scenes[i]["pixel_values_aux"].shape[0] for i in range(20)}
+    assert sides == set(sizes)
+    assert all(scenes[i]["pixel_values_aux"].shape[0] == synth.render_size(sizes, 3, i) for i in range(20))
+    for bad in ([], [96, 64]):
+        with pytest.raises(DataError, match="image_size must be >= 96"):
+            SynthSource(4, 0, image_size=bad)
+        with pytest.raises(ValueError, match="image_size must be >= 96"):
+            SynthConfig(image_size=bad)
+
+
 def test_scene_as_text_puts_the_caption_where_the_image_was() -> None:
     from minigem.config import DataConfig
     from minigem.training.data import open_source

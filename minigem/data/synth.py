@@ -15,7 +15,7 @@ import io
 import json
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -478,19 +478,37 @@ def _record_text(index: int, seed: int, tasks: list[str] | None, mix: dict[str, 
     return scene, category, messages
 
 
+def check_image_size(image_size: int | Sequence[int]) -> None:
+    """A render size, or a non-empty list of them, each at least MIN_IMAGE_SIZE."""
+    sizes = [image_size] if isinstance(image_size, int) else list(image_size)
+    if not sizes or any(s < MIN_IMAGE_SIZE for s in sizes):
+        raise DataError(f"synthetic image_size must be >= {MIN_IMAGE_SIZE} (or a non-empty list of "
+                        f"such sizes), got {image_size}")
+
+
+def render_size(image_size: int | Sequence[int], seed: int, index: int) -> int:
+    """The side record `index` is rendered at: `image_size`, or with a list one of its sizes drawn
+    per record (deterministic in (seed, index), apart from the record's text: same questions)."""
+    if isinstance(image_size, int):
+        return image_size
+    return image_size[random.Random(f"minigem-size/{seed}/{index}").randrange(len(image_size))]
+
+
 def make_sample(
-    index: int, seed: int, image_size: int = 128, tasks: list[str] | None = None,
+    index: int, seed: int, image_size: int | Sequence[int] = 128, tasks: list[str] | None = None,
     mix: dict[str, float] | None = None, max_turns: int = 4, scene_as_text: bool = False,
 ) -> Sample:
     """Record `index` of the world with this seed: one image, deterministic in (seed, index).
 
+    image_size: a list renders each record at one of its sizes (`render_size`): the glyphs are
+    5 x 7 pixels at any size, so a model that sees several sizes sees them resampled.
     scene_as_text: the same record with the scene's caption in place of the image (no pixels).
     """
     scene, category, messages = _record_text(index, seed, tasks, mix, max_turns, scene_as_text)
     has_image = any("<image>" in m.content for m in messages)
     return Sample(
         id=f"synth-{seed}-{index:07d}", messages=messages,
-        images=[render(scene, image_size)] if has_image else [],
+        images=[render(scene, render_size(image_size, seed, index))] if has_image else [],
         category=category, source=f"synth(seed={seed})",
     )
 
@@ -498,7 +516,8 @@ def make_sample(
 class SynthSource:
     """An on-the-fly dataset of `n` synthetic Samples (index i -> make_sample(i, seed, ...))."""
 
-    def __init__(self, n: int, seed: int, image_size: int = 128, tasks: list[str] | None = None,
+    def __init__(self, n: int, seed: int, image_size: int | Sequence[int] = 128,
+                 tasks: list[str] | None = None,
                  mix: dict[str, float] | None = None, max_turns: int = 4,
                  scene_as_text: bool = False):
         if max_turns < 2:
@@ -508,9 +527,9 @@ class SynthSource:
         self.mix, self.max_turns, self.scene_as_text = mix, max_turns, scene_as_text
         if n < 0:
             raise DataError(f"synthetic dataset size must be >= 0, got {n}")
-        if image_size < MIN_IMAGE_SIZE:
-            raise DataError(f"synthetic image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
-        self.n, self.seed, self.image_size = n, seed, image_size
+        check_image_size(image_size)
+        self.n, self.seed = n, seed
+        self.image_size = image_size if isinstance(image_size, int) else list(image_size)
         self.tasks = list(_check_tasks(tasks))
         self._tasks = None if tasks is None else self.tasks  # None: the default MIX as is
 

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from minigem.config import SynthConfig
-from minigem.data.synth import GLYPHS, make_scene, render
+from minigem.data.synth import GLYPHS, make_scene, render, render_size
 from minigem.errors import ConfigError
 from minigem.vision.base import VisionFeatures
 
@@ -52,7 +52,8 @@ class GlyphScenes(Dataset):
         for obj in scene.objects:
             if obj.glyph is not None:
                 glyphs[0, obj.cell] = GLYPHS.index(obj.glyph)
-        return {**self.processor([render(scene, self.cfg.image_size)]), "glyphs": glyphs}
+        side = render_size(self.cfg.image_size, self.cfg.seed, i)
+        return {**self.processor([render(scene, side)]), "glyphs": glyphs}
 
 
 def collate_glyphs(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
