@@ -190,7 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                         "does not exist")
     model = load(args.model, args)
     if args.no_hr:
-        if model.vision_tower_aux is None or not hasattr(model.connector, "lr_only"):
+        if not model.has_hr_path:
             raise MinigemError(f"--no-hr: the model {args.model or 'bundled'} has no high-res path "
                                "(not a Mini-Gemini)")
         model.use_hr = False

@@ -25,6 +25,7 @@ from minigem.connectors import Connector, build_connector
 from minigem.data.records import Message
 from minigem.errors import DataError
 from minigem.llm.backbone import build_llm, cache_kwarg, output_cache
+from minigem.rng import own_stream
 from minigem.vision.base import VisionFeatures
 from minigem.vision.clip import CLIPTower, build_clip_tower
 from minigem.vision.processing import ImageProcessor
@@ -83,7 +84,6 @@ class VisionLanguageModel(nn.Module):
         aux = None
         aux_dim = None
         if config.vision_aux is not None:
-            from minigem.rng import own_stream
             from minigem.vision.convnext import build_hr_tower
 
             with own_stream(0x4D474D01):  # the LLaVA parts keep a LLaVA's init (minigem.rng)
@@ -103,6 +103,11 @@ class VisionLanguageModel(nn.Module):
         return cls(config, tokenizer, tower, connector, lm, aux)
 
     # ------------------------------------------------------------------ shapes
+
+    @property
+    def has_hr_path(self) -> bool:
+        """A Mini-Gemini: an HR tower and a connector that can also run LR-only (`use_hr`)."""
+        return self.vision_tower_aux is not None and hasattr(self.connector, "lr_only")
 
     @property
     def tokens_per_image(self) -> int:

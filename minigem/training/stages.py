@@ -52,7 +52,7 @@ def component_parameters(model, name: str) -> Iterator[tuple[str, nn.Parameter]]
 
 def apply_stage(model, stage: StageConfig) -> int:
     """Freeze everything, unfreeze the stage's components; return the trainable count."""
-    if not stage.use_hr and (model.vision_tower_aux is None or not hasattr(model.connector, "lr_only")):
+    if not stage.use_hr and not model.has_hr_path:
         raise ConfigError(f"training.stages.{stage.name}.use_hr: false runs a Mini-Gemini as its LR-only "
                           "LLaVA; this model has no high-res path to leave out")
     model.use_hr = stage.use_hr
