@@ -223,6 +223,10 @@ class StageConfig(StrictModel):
     data: DataConfig
     eval_data: DataConfig | None = None
     lr: float = Field(2e-5, gt=0)
+    # per-component lr multipliers, e.g. {vision: 0.1}: those parameters train at lr * scale (a
+    # tower fine-tuned gently next to a connector and LLM at the full lr, as LLaVA-NeXT does);
+    # keys are components the stage trains, a parameter in several named ones needs one scale
+    lr_scale: dict[Component, float] = Field(default_factory=dict)
     weight_decay: float = Field(0.0, ge=0)
     adam_beta1: float = Field(0.9, ge=0, lt=1)  # AdamW betas and eps (HF TrainingArguments names)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
@@ -256,6 +260,10 @@ class StageConfig(StrictModel):
             raise ValueError(f"use_hr: false is for `lm` stages (this one is {self.kind!r})")
         if self.padding_free and self.kind != "lm":
             raise ValueError(f"padding_free is for `lm` stages (this one is {self.kind!r})")
+        bad = {k: v for k, v in self.lr_scale.items() if k not in self.train or not v > 0}
+        if bad:
+            raise ValueError(f"lr_scale {bad}: each key must be a component the stage trains "
+                             f"({', '.join(self.train)}) and each scale > 0")
         if self.kind == "glyph" and (self.data.synth is None or self.group_by_length or (
                 self.eval_data is not None and self.eval_data.synth is None)):
             raise ValueError("a `glyph` stage draws its scenes from the synthetic world: give `data.synth` "

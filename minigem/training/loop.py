@@ -46,9 +46,15 @@ def stage_steps(stage: StageConfig, n_samples: int, world: int) -> int:
     return max(1, math.floor(stage.epochs * n_samples / per_step))
 
 
-def make_optimizer(params, stage: StageConfig) -> torch.optim.AdamW:
-    """AdamW with the stage's lr, weight decay, betas and eps."""
-    return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay,
+def make_optimizer(params, stage: StageConfig, model=None) -> torch.optim.AdamW:
+    """AdamW with the stage's lr, weight decay, betas and eps; with `stage.lr_scale` (and the
+    model, to find the components' parameters) one param group per scale after the default one."""
+    groups: list[dict] = [{"params": list(params)}]
+    if stage.lr_scale:
+        from minigem.training.stages import lr_scale_groups
+
+        groups = lr_scale_groups(model, groups[0]["params"], stage)
+    return torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay,
                              betas=(stage.adam_beta1, stage.adam_beta2), eps=stage.adam_epsilon)
 
 
@@ -199,7 +205,7 @@ class Trainer:
 
             heads = GlyphHead(model, stage.glyph.read, stage.glyph.keep_weight).to(acc.device)
             params += [p for p in heads.parameters() if p.requires_grad]
-        opt = make_optimizer(params, stage)
+        opt = make_optimizer(params, stage, model)
         sched = make_scheduler(opt, stage, total)
         if state is not None:
             if state.get("optimizer") is not None:

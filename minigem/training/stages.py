@@ -50,6 +50,29 @@ def component_parameters(model, name: str) -> Iterator[tuple[str, nn.Parameter]]
         raise ConfigError(f"unknown component {name!r}")
 
 
+def lr_scale_groups(model, params: list[nn.Parameter], stage: StageConfig) -> list[dict]:
+    """`params` split into AdamW param groups: the stage's lr for those no `stage.lr_scale`
+    component holds, then one group per scale (lr = stage.lr * scale), in a fixed order so a
+    resumed optimizer state matches."""
+    if model is None:
+        raise ConfigError(f"training.stages.{stage.name}.lr_scale: needs the model to find its components")
+    scale_of: dict[int, float] = {}
+    for comp, scale in stage.lr_scale.items():
+        for n, p in component_parameters(model, comp):
+            if scale_of.setdefault(id(p), scale) != scale:
+                raise ConfigError(f"training.stages.{stage.name}.lr_scale: {n} is in components with "
+                                  f"different scales ({scale_of[id(p)]} and {scale})")
+    by_scale: dict[float, list[nn.Parameter]] = {}
+    for p in params:
+        by_scale.setdefault(scale_of.get(id(p), 1.0), []).append(p)
+    groups = [{"params": by_scale.pop(1.0, [])}]
+    groups += [{"params": ps, "lr": stage.lr * s} for s, ps in sorted(by_scale.items())]
+    for g in groups[1:]:
+        log.info("stage %s: %s parameters at lr %.3g", stage.name,
+                 f"{sum(p.numel() for p in g['params']):,}", g["lr"])
+    return [g for g in groups if g["params"]]
+
+
 def apply_stage(model, stage: StageConfig) -> int:
     """Freeze everything, unfreeze the stage's components; return the trainable count."""
     if not stage.use_hr and not model.has_hr_path:
