@@ -39,6 +39,7 @@ from minigem.checkpoints.native import load_model, save_model
 from minigem.training.runs import (
     ablation_parser,
     mean_samples_per_s,
+    require_base,
     run_cli,
     save_results,
     train_recipe,
@@ -237,9 +238,7 @@ def table(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
-    base = Path(args.base).resolve()
-    if not (base / "config.json").is_file():
-        raise SystemExit(f"{base}: not a model directory")
+    base = require_base(args.base, args.recipe)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in arms if a not in ("lr", "mgm", "mgm-hd")]
     if bad:

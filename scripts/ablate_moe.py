@@ -31,6 +31,7 @@ import yaml
 from minigem.training.runs import (
     ablation_parser,
     mean_samples_per_s,
+    require_base,
     run_cli,
     save_results,
     train_recipe,
@@ -155,10 +156,7 @@ def table(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
-    base = Path(args.base).resolve()
-    if not (base / "config.json").is_file():
-        raise SystemExit(f"{base}: not a model directory (train the base first: "
-                         "minigem train recipes/tiny-shapes.yaml)")
+    base = require_base(args.base, args.recipe)
     branches = [b.strip() for b in args.branches.split(",") if b.strip()]
     (out / "recipes").mkdir(parents=True, exist_ok=True)
     wide = write_widened(base, out / "dense-wide-init", MOE) if "dense-wide" in branches else None

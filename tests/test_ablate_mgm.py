@@ -59,6 +59,18 @@ def test_train_data_raises_the_glyph_share(tmp_path):
     assert synth["mix"]["glyph"] == 0.4 and sum(synth["mix"].values()) == pytest.approx(1.0)
 
 
+def test_missing_base_says_how_to_train_it(tmp_path, monkeypatch):
+    """Without the base checkpoint both ablation scripts stop before writing anything and name the
+    recipe that trains it (ablate_moe's default base is a run of recipes/tiny-shapes.yaml)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"/none: not a model directory \(train the base first: "
+                                         r"minigem train .*recipes/tiny-shapes.yaml"):
+        _script().main(["--base", str(tmp_path / "none"), "--out", str(tmp_path / "abl")])
+    with pytest.raises(SystemExit, match=r"runs/tiny-shapes/final: not a model directory \(train the base first"):
+        load_script("ablate_moe").main(["--out", str(tmp_path / "moe")])
+    assert not (tmp_path / "abl").exists() and not (tmp_path / "moe").exists()
+
+
 @pytest.mark.slow
 def test_ablation_end_to_end(base, tmp_path, capsys):
     out = tmp_path / "abl"

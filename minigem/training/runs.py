@@ -33,6 +33,16 @@ def ablation_parser(description: str, *, base: str, base_help: str, recipe: str,
     return ap
 
 
+def require_base(base: str | Path, recipe: str | Path) -> Path:
+    """The ablation's starting checkpoint, resolved; a clear exit, naming the recipe that trains
+    it, when it is not a model directory."""
+    path = Path(base).resolve()
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"{path}: not a model directory (train the base first: minigem train {recipe} "
+                         f"training.output_dir={path.parent}, or give --base DIR)")
+    return path
+
+
 def run_cli(argv: list[str] | tuple[str, ...], threads: int, cwd: str | Path | None = None,
             script: str | Path | None = None) -> tuple[str, float]:
     """Run `python -m minigem.cli ARGV` (or `python SCRIPT ARGV`) with `threads` intra-op
