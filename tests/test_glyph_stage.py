@@ -153,7 +153,8 @@ def test_tiny_mgm_recipe_runs_every_stage(tmp_path):
         ("contrastive", "contrastive", True), ("llava", "lm", False), ("hr-contrastive", "contrastive", True),
         ("mining", "glyph", True), ("keep", "glyph", True), ("mgm", "lm", True)]
     assert [s.train for s in st] == [["vision"], ["connector", "llm"], ["vision_aux"], ["vision_aux", "mining"],
-                                     ["mining", "projector"], ["connector", "llm"]]
+                                     ["mining", "projector"], ["vision", "connector", "llm"]]
+    assert [s.lr_scale for s in st] == [{}] * 5 + [{"vision": 0.1}]
     assert st[2].contrastive.pool == "max" and st[2].data.synth.tasks == ["glyphs"]
     assert (st[3].glyph.read, st[4].glyph.read, st[4].glyph.keep_weight) == ("mined", "projector", 1.0)
     assert all(s.data.synth.image_size == recipe.model.vision_aux.image_size == 96 for s in st[1:])
