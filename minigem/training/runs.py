@@ -38,8 +38,9 @@ def require_base(base: str | Path, recipe: str | Path) -> Path:
     it, when it is not a model directory."""
     path = Path(base).resolve()
     if not (path / "config.json").is_file():
-        raise SystemExit(f"{path}: not a model directory (train the base first: minigem train {recipe} "
-                         f"training.output_dir={path.parent}, or give --base DIR)")
+        where = f" training.output_dir={path.parent}" if path.name == "final" else ""  # runs write DIR/final
+        raise SystemExit(f"{path}: not a model directory (train the base first: minigem train {recipe}"
+                         f"{where}, or give --base DIR)")
     return path
 
 
