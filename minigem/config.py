@@ -145,6 +145,8 @@ class SynthConfig(StrictModel):
     tasks: list[str] | None = None  # categories to draw from; None = all
     mix: dict[str, float] | None = None  # category weights (overrides `tasks`); None = default mix
     max_turns: int = Field(4, ge=2)  # conversation records have 2..max_turns question-answer pairs
+    # single-question records ask 1..qa_turns questions about their scene (categories by the mix)
+    qa_turns: int = Field(1, ge=1)
     # text-only records: the scene's caption stands in the user turn where the image would be
     # (pretrain an LLM on the world's questions without pixels; no image is rendered)
     scene_as_text: bool = False

@@ -474,3 +474,35 @@ def test_object_task_names_what_is_at_a_place() -> None:
         assert messages[1].content == expected_answer(scene, q)
         seen.add(messages[1].content.split()[0])
     assert seen == {"a", "an"}
+
+
+def test_qa_turns_ask_more_questions_about_the_same_scene() -> None:
+    """`qa_turns: 3`: a single-question record asks 1..3 questions about its scene, every answer
+    right, none repeated, kinds drawn from the mix (never a category the mix leaves out); its first
+    turn, scene and category are those of qa_turns 1; other records are unchanged; a training
+    source passes it on; 0 is an error."""
+    mix = {"color": 1.0, "glyph": 1.0, "object": 1.0, "generation": 0.5, "caption": 0.2}
+    turns: Counter[int] = Counter()
+    kinds: set[str] = set()
+    for i in range(300):
+        one = make_conversation(i, 11, mix=mix)
+        scene, category, messages = make_conversation(i, 11, mix=mix, qa_turns=3)
+        assert category == one[1] and scene == one[0] and messages[:2] == one[2][:2]
+        if category in ("generation", "caption"):
+            assert messages == one[2]
+            continue
+        questions = [m.content.removeprefix("<image>\n") for m in messages[0::2]]
+        assert len(set(questions)) == len(questions)
+        assert sum(m.content.count("<image>") for m in messages) == 1
+        for q, a in zip(questions, messages[1::2], strict=True):
+            assert a.content == expected_answer(scene, q), (i, q)
+            kinds.add("color" if q.startswith("What color") else
+                      "object" if q.startswith("What is at") else
+                      "glyph" if q.startswith("What is written") else q)
+        turns[len(questions)] += 1
+    assert set(turns) == {1, 2, 3} and min(turns.values()) > 40, turns
+    assert kinds == {"color", "glyph", "object"}, kinds
+    src = SynthSource(20, 11, 96, mix=mix, qa_turns=3)
+    assert any(len(src[i].messages) > 2 for i in range(20))
+    with pytest.raises(DataError, match="qa_turns must be >= 1, got 0"):
+        SynthSource(5, 1, qa_turns=0)

@@ -291,6 +291,31 @@ def _conversation(scene: Scene, rng: random.Random, max_turns: int = 4) -> list[
     return turns
 
 
+QA_TURN_KINDS = (*ASKERS, "object")  # the categories `qa_turns` adds turns of
+
+
+def _more_turns(scene: Scene, rng: random.Random, first: str, qa_turns: int,
+                keep: tuple[str, ...], weights: dict[str, float]) -> list[QA]:
+    """0..qa_turns-1 further questions about `scene` (the count drawn uniformly, so a record is as
+    often one question as qa_turns), each of a category drawn by the mix's weights among its
+    single-question categories; a question is never asked twice, a kind that does not apply
+    (glyph, with no glyph in the scene) is skipped. LLaVA's instruction data asks several questions
+    per image the same way: each further answer costs a few LLM tokens, not a rendered image and
+    two tower passes."""
+    kinds = [c for c in keep if c in QA_TURN_KINDS and weights.get(c, 0) > 0]
+    want = rng.randint(1, qa_turns) - 1
+    asked, out = {first}, []
+    for _ in range(5 * qa_turns):
+        if len(out) == want or not kinds:
+            break
+        kind = rng.choices(kinds, weights=[weights[c] for c in kinds])[0]
+        qa = _ask_object(scene, rng) if kind == "object" else ASKERS[kind](scene, rng)
+        if qa is not None and qa[0] not in asked:
+            asked.add(qa[0])
+            out.append(qa)
+    return out
+
+
 def _check_tasks(tasks: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
     if tasks is None:
         return CATEGORIES
@@ -302,11 +327,14 @@ def _check_tasks(tasks: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
 
 def make_conversation(
     index: int, seed: int, tasks: list[str] | None = None,
-    mix: dict[str, float] | None = None, max_turns: int = 4,
+    mix: dict[str, float] | None = None, max_turns: int = 4, qa_turns: int = 1,
 ) -> tuple[Scene, str, list[Message]]:
     """The scene, category and messages of record `index` (everything but the pixels).
 
     mix: category weights (default MIX); max_turns: longest conversation (2..max_turns QAs).
+    qa_turns: a single-question record (colour, shape, existence, count, position, glyph, object)
+    asks 1..qa_turns questions about its scene (`_more_turns`); its first turn, scene and category
+    are those it has with qa_turns=1.
     """
     keep = _check_tasks(tasks if mix is None else list(mix))
     weights = MIX if mix is None else mix
@@ -335,6 +363,8 @@ def make_conversation(
             break
     else:  # pragma: no cover - every category applies to a single-object scene
         raise RuntimeError(f"could not build a {category} record for index {index}")
+    if qa_turns > 1 and category in QA_TURN_KINDS:
+        turns += _more_turns(scene, rng, turns[0][0], qa_turns, keep, weights)
     messages: list[Message] = []
     for k, (q, a) in enumerate(turns):
         messages.append(Message("user", ("<image>\n" if k == 0 else "") + q))
@@ -469,9 +499,10 @@ def _generation(rng: random.Random, in_context: bool | None = None,
 
 
 def _record_text(index: int, seed: int, tasks: list[str] | None, mix: dict[str, float] | None,
-                 max_turns: int, scene_as_text: bool) -> tuple[Scene, str, list[Message]]:
+                 max_turns: int, scene_as_text: bool,
+                 qa_turns: int = 1) -> tuple[Scene, str, list[Message]]:
     """make_conversation, with the scene's caption in place of the image if scene_as_text."""
-    scene, category, messages = make_conversation(index, seed, tasks, mix, max_turns)
+    scene, category, messages = make_conversation(index, seed, tasks, mix, max_turns, qa_turns)
     if scene_as_text:
         text = caption(scene)
         messages = [Message(m.role, m.content.replace("<image>", text)) for m in messages]
@@ -497,6 +528,7 @@ def render_size(image_size: int | Sequence[int], seed: int, index: int) -> int:
 def make_sample(
     index: int, seed: int, image_size: int | Sequence[int] = 128, tasks: list[str] | None = None,
     mix: dict[str, float] | None = None, max_turns: int = 4, scene_as_text: bool = False,
+    qa_turns: int = 1,
 ) -> Sample:
     """Record `index` of the world with this seed: one image, deterministic in (seed, index).
 
@@ -504,7 +536,8 @@ def make_sample(
     5 x 7 pixels at any size, so a model that sees several sizes sees them resampled.
     scene_as_text: the same record with the scene's caption in place of the image (no pixels).
     """
-    scene, category, messages = _record_text(index, seed, tasks, mix, max_turns, scene_as_text)
+    scene, category, messages = _record_text(index, seed, tasks, mix, max_turns, scene_as_text,
+                                             qa_turns)
     has_image = any("<image>" in m.content for m in messages)
     return Sample(
         id=f"synth-{seed}-{index:07d}", messages=messages,
@@ -519,9 +552,12 @@ class SynthSource:
     def __init__(self, n: int, seed: int, image_size: int | Sequence[int] = 128,
                  tasks: list[str] | None = None,
                  mix: dict[str, float] | None = None, max_turns: int = 4,
-                 scene_as_text: bool = False):
+                 scene_as_text: bool = False, qa_turns: int = 1):
         if max_turns < 2:
             raise DataError(f"max_turns must be >= 2, got {max_turns}")
+        if qa_turns < 1:
+            raise DataError(f"qa_turns must be >= 1, got {qa_turns}")
+        self.qa_turns = qa_turns
         if mix is not None and (not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0):
             raise DataError(f"synthetic mix must have non-negative weights with a positive sum, got {mix}")
         self.mix, self.max_turns, self.scene_as_text = mix, max_turns, scene_as_text
@@ -540,12 +576,12 @@ class SynthSource:
         if not -self.n <= i < self.n:
             raise IndexError(f"index {i} out of range for SynthSource of size {self.n}")
         return make_sample(i % self.n, self.seed, self.image_size, self._tasks, self.mix,
-                           self.max_turns, self.scene_as_text)
+                           self.max_turns, self.scene_as_text, self.qa_turns)
 
     def length(self, i: int, tokens_per_image: int) -> int:
         """Record i's length proxy (`text_length`), from its text alone: nothing is drawn."""
         _, _, messages = _record_text(i % self.n, self.seed, self._tasks, self.mix, self.max_turns,
-                                      self.scene_as_text)
+                                      self.scene_as_text, self.qa_turns)
         return text_length(messages, tokens_per_image)
 
 

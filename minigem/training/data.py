@@ -17,7 +17,8 @@ def open_source(cfg: DataConfig, image_token: str = "<image>"):
         from minigem.data.synth import SynthSource
 
         s = cfg.synth
-        return SynthSource(s.n, s.seed, s.image_size, s.tasks, s.mix, s.max_turns, s.scene_as_text)
+        return SynthSource(s.n, s.seed, s.image_size, s.tasks, s.mix, s.max_turns, s.scene_as_text,
+                           s.qa_turns)
     from minigem.data.llava_json import LlavaJsonDataset
 
     return LlavaJsonDataset(cfg.path, cfg.image_folder, cfg.skip_bad, image_token)
