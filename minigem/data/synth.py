@@ -557,10 +557,10 @@ class SynthSource:
             raise DataError(f"max_turns must be >= 2, got {max_turns}")
         if qa_turns < 1:
             raise DataError(f"qa_turns must be >= 1, got {qa_turns}")
-        self.qa_turns = qa_turns
         if mix is not None and (not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0):
             raise DataError(f"synthetic mix must have non-negative weights with a positive sum, got {mix}")
         self.mix, self.max_turns, self.scene_as_text = mix, max_turns, scene_as_text
+        self.qa_turns = qa_turns
         if n < 0:
             raise DataError(f"synthetic dataset size must be >= 0, got {n}")
         check_image_size(image_size)
