@@ -173,6 +173,8 @@ def worker(impl: str, size: str, dtype_name: str, repeats: int, quick: bool, out
             if ".0." in f".{name}" and p.ndim == 1:  # non-trivial LayerNorm affines
                 p.add_(torch.randn_like(p) * 0.2)
     conn = conn.to(device=device, dtype=dtype).eval()
+    if impl in ("ours-rows", "ours-gathered"):  # the other form of the mining than the device's default
+        conn.gather_blocks = impl == "ours-gathered"
     gen = torch.Generator().manual_seed(1)
     stages = [
         torch.randn(1, d, side_hr // 2 ** (s + 2), side_hr // 2 ** (s + 2), generator=gen).to(dtype)
@@ -182,7 +184,7 @@ def worker(impl: str, size: str, dtype_name: str, repeats: int, quick: bool, out
     q = torch.randn(views, n, C, generator=gen).to(dtype)
     stages, q = [t.to(device) for t in stages], q.to(device)
     start, stop = _peak_tracker(device)
-    fn = {"ours": ours, "ours-split": ours_split, "reference": reference}[impl]
+    fn = {"ours-split": ours_split, "reference": reference}.get(impl, ours)
     runs = []
     with torch.no_grad():
         for i in range(1 + repeats):
@@ -277,7 +279,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--chunk-cells", type=int, default=None,
-                    help="PatchMiningConnector.chunk_cells (default: its own, 16384)")
+                    help="PatchMiningConnector.chunk_cells (default: its own, 16384 for the "
+                    "row-at-a-time form, 32768 for the gathered form)")
+    ap.add_argument("--both-forms", action="store_true",
+                    help="also time the mining form that is not the device's default (GPU: "
+                    "`ours-rows`, the map read in place a token row at a time; CPU: "
+                    "`ours-gathered`, each token's block copied out); on by default on a GPU")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.worker:
@@ -302,7 +309,9 @@ def main() -> None:
     print("|---" * 13 + "|")
     with tempfile.TemporaryDirectory() as tmp:
         for size, dt, reps in cases:
-            impls = ("ours", "ours-split", "reference") if size == "hd" else ("ours", "reference")
+            impls = ["ours", "ours-split", "reference"] if size == "hd" else ["ours", "reference"]
+            if a.both_forms or a.device == "cuda":
+                impls.insert(1, "ours-rows" if a.device == "cuda" else "ours-gathered")
             res = {i: run_variant(i, size, dt, reps, a, Path(tmp)) for i in impls}
             report(size, dt, res, peaks, unit)
 

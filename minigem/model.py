@@ -9,12 +9,13 @@ the KV cache work exactly as for a text-only LM.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from PIL import Image
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -41,6 +42,19 @@ class VLMOutput:
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # MoE load balancing (already weighted), or None
     past_key_values: object | None = None
+
+
+def _flatten_output(out: VLMOutput) -> tuple[list[Any], None]:
+    return [getattr(out, f.name) for f in fields(out)], None
+
+
+# A pytree node, so that code which walks a module's outputs with torch's pytree finds the loss:
+# FSDP2 (torch < 2.14) registers its pre-backward hook only on the tensors `tree_flatten`
+# yields; with VLMOutput a leaf, the gradients never reached the sharded parameters (the
+# optimizer stepped with no gradients and the loss stayed flat under accelerate FSDP).
+pytree.register_pytree_node(
+    VLMOutput, _flatten_output, lambda values, _: VLMOutput(*values),
+    serialized_type_name="minigem.model.VLMOutput")
 
 
 class VisionLanguageModel(nn.Module):

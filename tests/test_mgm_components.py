@@ -65,8 +65,10 @@ def _paper_formula(conn: PatchMiningConnector, q: torch.Tensor, hr: torch.Tensor
 # one token row, a few rows, two of the three images, all images per step
 @pytest.mark.parametrize("chunk_cells", [1, 40, 300, 10**6])
 @pytest.mark.parametrize("n,side_hr", [(4, 6), (9, 12), (1, 1), (36, 12)])  # 36: 5 rows + 1
-def test_mining_matches_paper_formula(chunk_cells: int, n: int, side_hr: int) -> None:
+@pytest.mark.parametrize("gather", [False, True])  # the map read in place (CPU) / blocks gathered (GPU)
+def test_mining_matches_paper_formula(chunk_cells: int, n: int, side_hr: int, gather: bool) -> None:
     conn = _connector(chunk_cells=chunk_cells)
+    conn.gather_blocks = gather
     q = torch.randn(3, n, C)
     hr = torch.randn(3, C_HR, side_hr, side_hr) * 2 + 0.5
     before = hr.clone()
@@ -81,10 +83,12 @@ def test_mining_matches_paper_formula(chunk_cells: int, n: int, side_hr: int) ->
 
 
 @pytest.mark.parametrize("chunk_cells", [4, None])  # token rows of one image; whole images
-def test_mining_gradients_match_reference(chunk_cells: int | None) -> None:
+@pytest.mark.parametrize("gather", [False, True])
+def test_mining_gradients_match_reference(chunk_cells: int | None, gather: bool) -> None:
     """Gradients of every mining weight, of the LR features and of the HR map (a trainable HR
     tower) equal the paper's formula's."""
     conn = _connector(chunk_cells=chunk_cells)
+    conn.gather_blocks = gather
     q = torch.randn(2, 4, C, requires_grad=True)
     hr = (torch.randn(2, C_HR, 4, 4) * 2 + 0.5).requires_grad_(True)
     conn(VisionFeatures(q, hr)).square().sum().backward()
@@ -165,8 +169,10 @@ def test_mining_missing_inputs_errors() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_mining_half_precision_large_inputs(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("gather", [False, True])
+def test_mining_half_precision_large_inputs(dtype: torch.dtype, gather: bool) -> None:
     conn = _connector()
+    conn.gather_blocks = gather
     q, hr = torch.randn(2, 4, C), torch.randn(2, C_HR, 8, 8)
     with torch.no_grad():
         ref = conn.mining_attention(VisionFeatures(q, hr))
@@ -179,8 +185,10 @@ def test_mining_half_precision_large_inputs(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_mining_softmax_fp32_no_nan(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("gather", [False, True])
+def test_mining_softmax_fp32_no_nan(dtype: torch.dtype, gather: bool) -> None:
     conn = _connector()
+    conn.gather_blocks = gather
     with torch.no_grad():  # scores ~1e7: beyond fp16's range, coarse in bf16
         conn.vlm_uni_query_projector[1].weight.mul_(1000)
         conn.vlm_uni_aux_projector[1].weight.mul_(1000)

@@ -143,7 +143,17 @@ def test_padding_free_is_for_lm_stages():
                     padding_free=True)
 
 
-def test_a_padding_free_stage_trains_like_the_padded_one(tmp_path):
+def test_a_padding_free_stage_trains_like_the_padded_one(tmp_path, monkeypatch):
+    from minigem.model import VisionLanguageModel
+
+    seen: list[bool] = []  # the padding_free flag of every training forward
+    forward = VisionLanguageModel.forward
+
+    def spy(self, *args, padding_free: bool = False, **kw):
+        seen.append(padding_free)
+        return forward(self, *args, padding_free=padding_free, **kw)
+
+    monkeypatch.setattr(VisionLanguageModel, "forward", spy)
     stage = {"name": "instruct", "train": ["connector", "llm"], "lr": 1e-3, "batch_size": 4, "steps": 3,
              "data": {"synth": {"n": 32, "seed": 3, "image_size": 96,
                                 "mix": {"color": 1, "conversation": 1}}}}
@@ -151,7 +161,9 @@ def test_a_padding_free_stage_trains_like_the_padded_one(tmp_path):
     for pf in (False, True):
         d = tmp_path / str(pf)
         d.mkdir()
+        seen.clear()
         assert main(["train", str(tiny_recipe(d, [{**stage, "padding_free": pf}]))]) == 0
+        assert seen == [pf] * 3  # the option reached the model on every step
         runs[pf] = load_file(str(d / "run" / "final" / "model.safetensors"))
     start = tmp_path / "start"  # how far 3 steps move the weights, to size the tolerance
     start.mkdir()
@@ -160,5 +172,6 @@ def test_a_padding_free_stage_trains_like_the_padded_one(tmp_path):
     moved = max((runs[False][k] - init[k]).abs().max().item() for k in init)
     diff = max((runs[True][k] - runs[False][k]).abs().max().item() for k in init)
     assert moved > 1e-3
+    # same training up to rounding (on this CPU packed GEMMs round differently from padded ones;
+    # on an H100 the two runs came out bit-identical)
     assert diff < 0.01 * moved, (diff, moved)
-    assert diff > 0  # the option was used: packed GEMMs round differently from padded ones

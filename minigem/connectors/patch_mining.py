@@ -98,6 +98,9 @@ class PatchMiningConnector(Connector):
         # sizes the token cap (_STEP_TOKENS) binds first (one row of 24 tokens, 1536 cells); for
         # small maps it sets how many whole images share a step.
         self.chunk_cells = chunk_cells
+        # each token's block gathered into a copy (`_gathered_chunks`), or the map read in place
+        # a token row at a time (`_chunks`); None: gathered when the map is on a GPU
+        self.gather_blocks: bool | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -187,6 +190,9 @@ class PatchMiningConnector(Connector):
         # [B, N, C_hr] and the per-token constant phi_q(Q) . b_k' / sqrt(C) [B, N]
         q = self.vlm_uni_query_projector(q_raw).float() * (1.0 / math.sqrt(c))
         qk, qb = q @ w_k, q @ b_k
+        if self.gather_blocks or (self.gather_blocks is None and hr.is_cuda):
+            yield from self._gathered_chunks(hr, qk, qb, w_v, b_v, eps, side, m)
+            return
         chunk = self.chunk_cells or 16384
         per_image = h * w
         if per_image <= chunk and side * side <= _STEP_TOKENS:  # whole images per step
@@ -219,6 +225,48 @@ class PatchMiningConnector(Connector):
             pooled = torch.bmm(spread, x.transpose(1, 2))  # [g, t, C_hr]
             att = F.linear(pooled, w_v, b_v)  # [g, t, C]
             yield i0, i1, t0, t1, att, attn
+
+    def _gathered_chunks(
+        self, hr: torch.Tensor, qk: torch.Tensor, qb: torch.Tensor, w_v: torch.Tensor,
+        b_v: torch.Tensor, eps: float, side: int, m: int
+    ) -> Iterator[tuple[int, int, int, int, torch.Tensor, torch.Tensor]]:
+        """The GPU form of `_chunks` (same math, same yields): each token's own M x M block is
+        copied out of the map (fp32, [tokens, C_hr, M*M]) and scored / averaged with two
+        batched matrix-vector products, over as many token rows per step as fit
+        ``chunk_cells`` (default 32768). A handful of large kernels per step instead of ~20 small
+        ones per token row: on a GPU the row-at-a-time loop is launch-bound. The LayerNorm is
+        applied through its statistics (xhat . v = rstd (x . v - mu sum(v))), so the copy is
+        neither centred nor scaled."""
+        b, c_hr, h, w = hr.shape
+        chunk = self.chunk_cells or 32768
+        if h * w <= chunk:  # whole images per step
+            per = chunk // (h * w)
+            steps = [(i, min(b, i + per), 0, side) for i in range(0, b, per)]
+        else:  # token rows of one image per step, as many rows in each (768 px: 2 steps of 12)
+            rows = max(1, chunk // (m * w))
+            rows = -(-side // -(-side // rows))
+            steps = [(i, i + 1, r, min(side, r + rows)) for i in range(b) for r in range(0, side, rows)]
+        q_sum = qk.sum(-1)  # [B, N]: sum(v) for v = q'
+        fmax = torch.finfo(torch.float32).max
+        for i0, i1, r0, r1 in steps:
+            g, rr = i1 - i0, r1 - r0
+            t0, t1, n_t = r0 * side, r1 * side, g * (r1 - r0) * side
+            # [g, rr, side, C_hr, M, M]: token (row, col)'s block, a strided view of the map
+            view = hr[i0:i1, :, r0 * m : r1 * m].unflatten(2, (rr, m)).unflatten(4, (side, m))
+            x = hr.new_empty((g, rr, side, c_hr, m, m), dtype=torch.float32)
+            x = x.copy_(view.permute(0, 2, 4, 1, 3, 5)).view(n_t, c_hr, m * m)
+            var, mu = torch.var_mean(x, dim=1, correction=0)  # [T, M*M] per cell
+            rstd = torch.rsqrt(var + eps)
+            q = qk[i0:i1, t0:t1].reshape(n_t, 1, c_hr)
+            raw = torch.bmm(q, x).squeeze(1)  # [T, M*M]: q' . x_j
+            scores = rstd * (raw - mu * q_sum[i0:i1, t0:t1].reshape(n_t, 1))
+            scores = scores + qb[i0:i1, t0:t1].reshape(n_t, 1)
+            attn = scores.clamp(-fmax, fmax).softmax(-1)
+            wgt = attn * rstd  # sum_j a_j xhat_j = sum_j wgt_j x_j - sum_j wgt_j mu_j
+            pooled = torch.bmm(wgt.unsqueeze(1), x.transpose(1, 2)).squeeze(1)
+            pooled = pooled - (wgt * mu).sum(-1, keepdim=True)  # [T, C_hr]
+            att = F.linear(pooled, w_v, b_v).view(g, (r1 - r0) * side, -1)
+            yield i0, i1, t0, t1, att, attn.view(g, (r1 - r0) * side, m * m)
 
 
 def _diag(full: torch.Tensor, rr: int, side: int, m: int) -> torch.Tensor:

@@ -34,6 +34,14 @@ from minigem.training.checkpoint import (
 )
 from minigem.training.data import EncodedDataset, ResumableBatchSampler, open_source
 from minigem.training.ema import WeightAverage
+from minigem.training.engines import (
+    DEEPSPEED,
+    PLAIN,
+    configure_deepspeed,
+    engine_kind,
+    load_optimizer_state,
+    optimizer_state,
+)
 from minigem.training.stages import apply_stage
 
 log = logging.getLogger(__name__)
@@ -207,14 +215,20 @@ class Trainer:
             params += [p for p in heads.parameters() if p.requires_grad]
         opt = make_optimizer(params, stage, model)
         sched = make_scheduler(opt, stage, total)
-        if state is not None:
-            if state.get("optimizer") is not None:
-                opt.load_state_dict(state["optimizer"])
-                sched.load_state_dict(state["scheduler"])
-            if heads is not None and state.get("heads") is not None:
-                heads.load_state_dict(state["heads"])
+        kind = engine_kind(acc)
+        saved_opt = state.get("optimizer") if state is not None else None
+        if saved_opt is not None:
+            if kind == PLAIN:  # a sharding engine's state is loaded onto its parameters, below
+                load_optimizer_state(kind, model, opt, saved_opt, str(self.out))
+            sched.load_state_dict(state["scheduler"])
+        if state is not None and heads is not None and state.get("heads") is not None:
+            heads.load_state_dict(state["heads"])
+        if kind == DEEPSPEED:
+            configure_deepspeed(acc, stage)
         engine, opt = acc.prepare(model, opt)
         self.engine = engine
+        if saved_opt is not None and kind != PLAIN:
+            load_optimizer_state(kind, engine, opt, saved_opt, str(self.out))
         # FSDP replaces the parameters with sharded ones (the optimizer follows): clip those
         params = [p for p in engine.parameters() if p.requires_grad]
         if heads is not None:
@@ -276,12 +290,16 @@ class Trainer:
                     loss = out.loss
                     if out.aux_loss is not None:
                         extra["aux_loss"] = extra.get("aux_loss", 0.0) + out.aux_loss.item() / stage.grad_accum
-            acc.backward(loss / stage.grad_accum)
+            if kind == DEEPSPEED:  # DeepSpeed divides by its accumulation steps and steps at the boundary
+                acc.gradient_state._set_sync_gradients(sync)
+                acc.backward(loss)
+            else:
+                acc.backward(loss / stage.grad_accum)
             run_loss += loss.item() / stage.grad_accum
             seen += batch["pixel_values_aux" if stage.kind == "glyph" else "input_ids"].shape[0] * acc.num_processes
             if not sync:
                 continue
-            if stage.max_grad_norm is not None:
+            if stage.max_grad_norm is not None and kind != DEEPSPEED:  # DeepSpeed clips in its step
                 acc.clip_grad_norm_(params, stage.max_grad_norm)
             opt.step()
             sched.step()
@@ -333,10 +351,13 @@ class Trainer:
 
     def _save(self, stage: int, step: int, opt, sched, heads, ema=None) -> None:
         full = self._full_state()
+        # collective under FSDP: every process gathers, the main one writes
+        opt_state = optimizer_state(engine_kind(self.acc), self.engine, opt) if opt is not None else None
         if not self.acc.is_main_process:
             return
-        state = trainer_state(stage, step, self.history, opt, sched, ema,
+        state = trainer_state(stage, step, self.history, None, sched, ema,
                               heads=heads.state_dict() if heads is not None else None)
+        state["optimizer"] = opt_state
         save_checkpoint(self.out, self.acc.unwrap_model(self.model), state,
                         write=partial(write_model, state=full))
 
