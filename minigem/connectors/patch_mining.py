@@ -26,6 +26,10 @@ Implementation (same math, far fewer FLOPs and less memory than the release):
   weighted sum is a second GEMM with the weights placed block-diagonally. No [B, N, M*M,
   C_hr] copy of the whole map, no [N, H*W] attention mask, no K or V tensor; temporaries
   are chunk-sized (``chunk_cells``).
+- On a GPU that loop is launch-bound (~20 small kernels per token row), so there each token's
+  M x M block is gathered into an fp32 copy instead, many token rows per step, and scored and
+  averaged with two batched matrix-vector products (``_gathered_chunks``; ``gather_blocks``
+  chooses).
 - Scores, softmax and the weighted sum run in fp32 whatever the input dtype (no NaN/inf
   from bf16/fp16 overflow, unlike the release's softmax in the model dtype).
 """
