@@ -270,6 +270,7 @@ class PatchMiningConnector(Connector):
             pooled = torch.bmm(wgt.unsqueeze(1), x.transpose(1, 2)).squeeze(1)
             pooled = pooled - (wgt * mu).sum(-1, keepdim=True)  # [T, C_hr]
             att = F.linear(pooled, w_v, b_v).view(g, (r1 - r0) * side, -1)
+            del x  # freed before the next step's copy is allocated (autograd keeps its own)
             yield i0, i1, t0, t1, att, attn.view(g, (r1 - r0) * side, m * m)
 
 
