@@ -1,6 +1,7 @@
 """FSDP2 on this CPU: the model's output is a pytree node (so FSDP2's pre-backward hook finds the
 loss), and one process with gloo shards the model, gets gradients on the sharded parameters,
-steps them, and saves / loads the optimizer state as a resumed FSDP run does. The multi-GPU path itself runs in scripts/gpu_check.sh."""
+steps them, and saves / loads the optimizer state as a resumed FSDP run does. The GPU runs
+through accelerate are in scripts/gpu_check.sh."""
 
 from __future__ import annotations
 

@@ -26,12 +26,13 @@ def rng_state() -> dict[str, Any]:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def trainer_state(stage: int, step: int, history: list[dict], opt=None, sched=None, ema=None,
+def trainer_state(stage: int, step: int, history: list[dict], optimizer=None, sched=None, ema=None,
                   **extra: Any) -> dict[str, Any]:
-    """What trainer_state.pt holds: the position, RNG, log history, optimiser, schedule and
-    weight average (None where the stage has none, and at a stage boundary)."""
+    """What trainer_state.pt holds: the position, RNG, log history, optimiser state (as the
+    engine gives it: `minigem.training.engines.optimizer_state`), schedule and weight average
+    (None where the stage has none, and at a stage boundary)."""
     return {"stage": stage, "step": step, "rng": rng_state(), "history": history,
-            "optimizer": opt.state_dict() if opt is not None else None,
+            "optimizer": optimizer,
             "scheduler": sched.state_dict() if sched is not None else None,
             "ema": ema.state_dict() if ema is not None else None, **extra}
 

@@ -55,14 +55,14 @@ def optimizer_state(kind: str, model, opt) -> Any:
     return opt.state_dict()
 
 
-def saved_engine(saved: Any) -> str:
+def _saved_engine(saved: Any) -> str:
     return saved.get("engine", PLAIN) if isinstance(saved, dict) else PLAIN
 
 
 def load_optimizer_state(kind: str, model, opt, saved: Any, where: str) -> None:
     """Load a state written by `optimizer_state` under the same engine; `where` names the
     checkpoint in the error."""
-    was = saved_engine(saved)
+    was = _saved_engine(saved)
     if was != kind:
         raise ConfigError(
             f"{where}: the optimizer state was saved under {was} and this run uses {kind}; resume "

@@ -218,8 +218,6 @@ class Trainer:
         kind = engine_kind(acc)
         saved_opt = state.get("optimizer") if state is not None else None
         if saved_opt is not None:
-            if kind == PLAIN:  # a sharding engine's state is loaded onto its parameters, below
-                load_optimizer_state(kind, model, opt, saved_opt, str(self.out))
             sched.load_state_dict(state["scheduler"])
         if state is not None and heads is not None and state.get("heads") is not None:
             heads.load_state_dict(state["heads"])
@@ -227,18 +225,15 @@ class Trainer:
             configure_deepspeed(acc, stage)
         engine, opt = acc.prepare(model, opt)
         self.engine = engine
-        if saved_opt is not None and kind != PLAIN:
+        if saved_opt is not None:  # after prepare: onto the parameters the engine made (FSDP shards them)
             load_optimizer_state(kind, engine, opt, saved_opt, str(self.out))
         # FSDP replaces the parameters with sharded ones (the optimizer follows): clip those
         params = [p for p in engine.parameters() if p.requires_grad]
         if heads is not None:
             params += [p for p in heads.parameters() if p.requires_grad]
-        if stage.ema_decay is not None:
-            from accelerate.utils import DistributedType
-
-            if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-                raise ConfigError(f"training.stages.{stage.name}.ema_decay: works with one process or "
-                                  f"DDP, not with {acc.distributed_type.value} (sharded weights)")
+        if stage.ema_decay is not None and kind != PLAIN:
+            raise ConfigError(f"training.stages.{stage.name}.ema_decay: works with one process or "
+                              f"DDP, not with {kind} (sharded weights)")
         ema = WeightAverage.for_stage(params, stage.ema_decay, state)
         lengths = None
         if stage.group_by_length:
@@ -342,10 +337,7 @@ class Trainer:
     def _full_state(self) -> dict[str, torch.Tensor] | None:
         """The whole model's weights gathered from FSDP / DeepSpeed shards (a collective call:
         every process makes it); None when the model's own state_dict is already whole."""
-        from accelerate.utils import DistributedType
-
-        if self.engine is None or self.acc.distributed_type not in (DistributedType.FSDP,
-                                                                      DistributedType.DEEPSPEED):
+        if self.engine is None or engine_kind(self.acc) == PLAIN:
             return None
         return self.acc.get_state_dict(self.engine)
 
@@ -355,9 +347,8 @@ class Trainer:
         opt_state = optimizer_state(engine_kind(self.acc), self.engine, opt) if opt is not None else None
         if not self.acc.is_main_process:
             return
-        state = trainer_state(stage, step, self.history, None, sched, ema,
+        state = trainer_state(stage, step, self.history, opt_state, sched, ema,
                               heads=heads.state_dict() if heads is not None else None)
-        state["optimizer"] = opt_state
         save_checkpoint(self.out, self.acc.unwrap_model(self.model), state,
                         write=partial(write_model, state=full))
 
