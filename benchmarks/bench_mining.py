@@ -7,6 +7,12 @@ of the same math written here the way the release does it (upsample all stages +
 split with reshape/permute/.contiguous(); the whole map permuted to [B, N, M*M, C_hr];
 separate LayerNorm+Linear for K and V; scores/softmax in the model dtype).
 
+"ours" is the mining form the device picks (`default_form`: the CPU reads the map in place a
+few token rows per step; a GPU reads 768 px and HD maps an image per step, its token rows as
+one batched GEMM in the map's dtype). The other forms are timed as "ours-rows",
+"ours-gathered" (each token's block copied out) and "ours-image" (`--both-forms`; always on a
+GPU).
+
 Sizes: N = 576 LR tokens x C = 1024; ConvNeXt-L stage maps 192/384/768/1536 channels
 (C_hr = 2880). "768": HR 768 -> map 192x192, 1 view. "hd": HR 1536 -> map 384x384 split
 into 5 views (global + 2x2), 5 x 576 tokens. Random weights and inputs, same seed for both.
@@ -173,8 +179,8 @@ def worker(impl: str, size: str, dtype_name: str, repeats: int, quick: bool, out
             if ".0." in f".{name}" and p.ndim == 1:  # non-trivial LayerNorm affines
                 p.add_(torch.randn_like(p) * 0.2)
     conn = conn.to(device=device, dtype=dtype).eval()
-    if impl in ("ours-rows", "ours-gathered"):  # the other form of the mining than the device's default
-        conn.gather_blocks = impl == "ours-gathered"
+    if impl in ("ours-rows", "ours-gathered", "ours-image"):  # a form other than the device's default
+        conn.form = impl.split("-")[1]
     gen = torch.Generator().manual_seed(1)
     stages = [
         torch.randn(1, d, side_hr // 2 ** (s + 2), side_hr // 2 ** (s + 2), generator=gen).to(dtype)
@@ -282,9 +288,10 @@ def main() -> None:
                     help="PatchMiningConnector.chunk_cells (default: its own, 16384 for the "
                     "row-at-a-time form, 32768 for the gathered form)")
     ap.add_argument("--both-forms", action="store_true",
-                    help="also time the mining form that is not the device's default (GPU: "
-                    "`ours-rows`, the map read in place a token row at a time; CPU: "
-                    "`ours-gathered`, each token's block copied out); on by default on a GPU")
+                    help="also time the mining forms that are not the device's default (GPU: "
+                    "`ours-rows`, the map read in place a few token rows per step, and "
+                    "`ours-gathered`, each token's block copied out; CPU: `ours-gathered` and "
+                    "`ours-image`, an image per step as one batched GEMM); on by default on a GPU")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.worker:
@@ -311,7 +318,8 @@ def main() -> None:
         for size, dt, reps in cases:
             impls = ["ours", "ours-split", "reference"] if size == "hd" else ["ours", "reference"]
             if a.both_forms or a.device == "cuda":
-                impls.insert(1, "ours-rows" if a.device == "cuda" else "ours-gathered")
+                others = ["ours-rows", "ours-gathered"] if a.device == "cuda" else ["ours-gathered", "ours-image"]
+                impls[1:1] = others
             res = {i: run_variant(i, size, dt, reps, a, Path(tmp)) for i in impls}
             report(size, dt, res, peaks, unit)
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from minigem.config import ConnectorConfig, VisionAuxConfig
 from minigem.connectors.base import build_connector
-from minigem.connectors.patch_mining import PatchMiningConnector
+from minigem.connectors.patch_mining import PatchMiningConnector, default_form
 from minigem.errors import CheckpointError
 from minigem.vision.base import VisionFeatures
 from minigem.vision.convnext import (
@@ -61,14 +61,18 @@ def _paper_formula(conn: PatchMiningConnector, q: torch.Tensor, hr: torch.Tensor
 
 # ----------------------------------------------------------------------------- mining
 
+# the map read in place a few token rows per step (the CPU's default), each token's block gathered
+# into a copy, the map read in place an image per step with its rows as one batched GEMM (the GPU's)
+FORMS = ["rows", "gathered", "image"]
+
 
 # one token row, a few rows, two of the three images, all images per step
 @pytest.mark.parametrize("chunk_cells", [1, 40, 300, 10**6])
 @pytest.mark.parametrize("n,side_hr", [(4, 6), (9, 12), (1, 1), (36, 12)])  # 36: 5 rows + 1
-@pytest.mark.parametrize("gather", [False, True])  # the map read in place (CPU) / blocks gathered (GPU)
-def test_mining_matches_paper_formula(chunk_cells: int, n: int, side_hr: int, gather: bool) -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_mining_matches_paper_formula(chunk_cells: int, n: int, side_hr: int, form: str) -> None:
     conn = _connector(chunk_cells=chunk_cells)
-    conn.gather_blocks = gather
+    conn.form = form
     q = torch.randn(3, n, C)
     hr = torch.randn(3, C_HR, side_hr, side_hr) * 2 + 0.5
     before = hr.clone()
@@ -82,13 +86,44 @@ def test_mining_matches_paper_formula(chunk_cells: int, n: int, side_hr: int, ga
     assert torch.equal(hr, before)  # normalised in place only on its own copies
 
 
+def test_mining_default_form() -> None:
+    """rows on the CPU; on a GPU an image per step from 64 x 64 maps up (768 px: 192 x 192),
+    gathered blocks below (tiny-mgm's 24 x 24); a bad form is named."""
+    assert default_form(False, 192 * 192) == "rows"
+    assert default_form(True, 192 * 192) == default_form(True, 64 * 64) == "image"
+    assert default_form(True, 24 * 24) == default_form(True, 63 * 63) == "gathered"
+    conn = _connector()
+    conn.form = "blocks"
+    with pytest.raises(ValueError, match="rows, gathered or image; got 'blocks'"):
+        conn(VisionFeatures(torch.randn(1, 4, C), torch.randn(1, C_HR, 4, 4)))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_mining_folded_weights_follow_parameter_changes(form: str) -> None:
+    """Without autograd the folded key/value weights are kept between calls; a weight changed in
+    place (an optimizer step) or replaced (a state_dict load) must not serve stale ones."""
+    conn = _connector()
+    conn.form = form
+    q, hr = torch.randn(2, 4, C), torch.randn(2, C_HR, 4, 4)
+    with torch.no_grad():
+        conn(VisionFeatures(q, hr))
+        conn.vlm_uni_val_projector[1].weight.mul_(2.0)
+        conn.vlm_uni_aux_projector[0].bias.add_(0.3)
+        torch.testing.assert_close(conn(VisionFeatures(q, hr)), _paper_formula(conn, q, hr)[0],
+                                   atol=1e-5, rtol=1e-5)
+        other = _connector(seed=1)
+        conn.load_state_dict(other.state_dict())
+        torch.testing.assert_close(conn(VisionFeatures(q, hr)), _paper_formula(other, q, hr)[0],
+                                   atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("chunk_cells", [4, None])  # token rows of one image; whole images
-@pytest.mark.parametrize("gather", [False, True])
-def test_mining_gradients_match_reference(chunk_cells: int | None, gather: bool) -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_mining_gradients_match_reference(chunk_cells: int | None, form: str) -> None:
     """Gradients of every mining weight, of the LR features and of the HR map (a trainable HR
     tower) equal the paper's formula's."""
     conn = _connector(chunk_cells=chunk_cells)
-    conn.gather_blocks = gather
+    conn.form = form
     q = torch.randn(2, 4, C, requires_grad=True)
     hr = (torch.randn(2, C_HR, 4, 4) * 2 + 0.5).requires_grad_(True)
     conn(VisionFeatures(q, hr)).square().sum().backward()
@@ -169,10 +204,10 @@ def test_mining_missing_inputs_errors() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("gather", [False, True])
-def test_mining_half_precision_large_inputs(dtype: torch.dtype, gather: bool) -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_mining_half_precision_large_inputs(dtype: torch.dtype, form: str) -> None:
     conn = _connector()
-    conn.gather_blocks = gather
+    conn.form = form
     q, hr = torch.randn(2, 4, C), torch.randn(2, C_HR, 8, 8)
     with torch.no_grad():
         ref = conn.mining_attention(VisionFeatures(q, hr))
@@ -185,10 +220,10 @@ def test_mining_half_precision_large_inputs(dtype: torch.dtype, gather: bool) ->
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("gather", [False, True])
-def test_mining_softmax_fp32_no_nan(dtype: torch.dtype, gather: bool) -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_mining_softmax_fp32_no_nan(dtype: torch.dtype, form: str) -> None:
     conn = _connector()
-    conn.gather_blocks = gather
+    conn.form = form
     with torch.no_grad():  # scores ~1e7: beyond fp16's range, coarse in bf16
         conn.vlm_uni_query_projector[1].weight.mul_(1000)
         conn.vlm_uni_aux_projector[1].weight.mul_(1000)

@@ -26,12 +26,15 @@ Implementation (same math, far fewer FLOPs and less memory than the release):
   weighted sum is a second GEMM with the weights placed block-diagonally. No [B, N, M*M,
   C_hr] copy of the whole map, no [N, H*W] attention mask, no K or V tensor; temporaries
   are chunk-sized (``chunk_cells``).
-- On a GPU that loop is launch-bound (~20 small kernels per token row), so there each token's
-  M x M block is gathered into an fp32 copy instead, many token rows per step, and scored and
-  averaged with two batched matrix-vector products (``_gathered_chunks``; ``gather_blocks``
-  chooses).
-- Scores, softmax and the weighted sum run in fp32 whatever the input dtype (no NaN/inf
-  from bf16/fp16 overflow, unlike the release's softmax in the model dtype).
+- On a GPU that loop is launch-bound (~20 small kernels per token row). There large maps are
+  read an image per step, in place and in the map's dtype: the image's token rows are the batch
+  of two GEMMs on strided views of the map, the mean taken out through the query
+  (``_image_chunks``). Small maps (many images of a training batch) gather each token's
+  M x M block into an fp32 copy, many images per step, scored and averaged with two batched
+  matrix-vector products (``_gathered_chunks``). ``form`` chooses.
+- Scores and softmax run in fp32 whatever the input dtype (no NaN/inf from bf16/fp16 overflow,
+  unlike the release's softmax in the model dtype); the weighted sums accumulate in fp32 (the
+  image form rounds the weights to a bf16 map's dtype for its GEMM).
 """
 
 from __future__ import annotations
@@ -53,6 +56,17 @@ from minigem.vision.base import VisionFeatures
 # computes at most this many times the scores it keeps (each token is scored against every
 # cell of the step, then cut to its own M x M block)
 _STEP_TOKENS = 32
+# on a GPU, maps of at least this many cells are read an image per step (`_image_chunks`); below
+# it the per-image kernels are launch-bound and blocks are gathered, many images per step
+# (docs/BENCHMARKS.md: tiny-mgm's 24 x 24 maps, batch 32: 18 ms fwd+bwd per image vs 4.0 gathered)
+_IMAGE_CELLS = 4096
+
+
+def default_form(on_gpu: bool, cells: int) -> str:
+    """The mining form used when ``PatchMiningConnector.form`` is None (see its comment)."""
+    if not on_gpu:
+        return "rows"
+    return "image" if cells >= _IMAGE_CELLS else "gathered"
 
 
 def _ln_linear(dim_in: int, dim_out: int) -> nn.Sequential:
@@ -102,9 +116,12 @@ class PatchMiningConnector(Connector):
         # sizes the token cap (_STEP_TOKENS) binds first (one row of 24 tokens, 1536 cells); for
         # small maps it sets how many whole images share a step.
         self.chunk_cells = chunk_cells
-        # each token's block gathered into a copy (`_gathered_chunks`), or the map read in place
-        # a token row at a time (`_chunks`); None: gathered when the map is on a GPU
-        self.gather_blocks: bool | None = None
+        # how the map is read (all the same math): "rows", in place a few token rows per step
+        # (`_chunks`); "gathered", each token's block copied out (`_gathered_chunks`); "image", in
+        # place an image per step, its token rows as one batched GEMM (`_image_chunks`).
+        # None: "rows" on the CPU; on a GPU "image" for maps of _IMAGE_CELLS cells or more (768 px
+        # and up), else "gathered" (small maps: an image per step would be launch-bound).
+        self.form: str | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -171,7 +188,19 @@ class PatchMiningConnector(Connector):
 
     def _folded(self) -> tuple[torch.Tensor, ...]:
         """fp32 LayerNorm affines folded into the key and value Linears:
-        (W_k diag g_k [C, C_hr], W_k b_k + c_k [C], W_v diag g_v [C, C_hr], W_v b_v + c_v [C])."""
+        (W_k diag g_k [C, C_hr], W_k b_k + c_k [C], W_v diag g_v [C, C_hr], W_v b_v + c_v [C]).
+        Without autograd the result is kept until a parameter changes (in place or replaced):
+        at batch 1 on a GPU its ~14 small kernels are a noticeable part of the call."""
+        params = [t for pair in (self.vlm_uni_aux_projector, self.vlm_uni_val_projector)
+                  for mod in pair for t in (mod.weight, mod.bias)]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+            return self._fold()
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in params)
+        if getattr(self, "_folded_key", None) != key:
+            self._folded_cache, self._folded_key = self._fold(), key
+        return self._folded_cache
+
+    def _fold(self) -> tuple[torch.Tensor, ...]:
         folded = []
         for ln, lin in (self.vlm_uni_aux_projector, self.vlm_uni_val_projector):
             if ln.eps != self.vlm_uni_aux_projector[0].eps:
@@ -193,8 +222,14 @@ class PatchMiningConnector(Connector):
         # the key projection moved onto the query (module docstring): q' = phi_q(Q) W_k' / sqrt(C)
         # [B, N, C_hr] and the per-token constant phi_q(Q) . b_k' / sqrt(C) [B, N]
         q = self.vlm_uni_query_projector(q_raw).float() * (1.0 / math.sqrt(c))
+        form = self.form or default_form(hr.is_cuda, h * w)
+        if form not in ("rows", "gathered", "image"):
+            raise ValueError(f"PatchMiningConnector.form must be rows, gathered or image; got {form!r}")
+        if form == "image":
+            yield from self._image_chunks(hr, q, w_k, b_k, w_v, b_v, eps, side, m)
+            return
         qk, qb = q @ w_k, q @ b_k
-        if self.gather_blocks or (self.gather_blocks is None and hr.is_cuda):
+        if form == "gathered":
             yield from self._gathered_chunks(hr, qk, qb, w_v, b_v, eps, side, m)
             return
         chunk = self.chunk_cells or 16384
@@ -272,6 +307,91 @@ class PatchMiningConnector(Connector):
             att = F.linear(pooled, w_v, b_v).view(g, (r1 - r0) * side, -1)
             del x  # freed before the next step's copy is allocated (autograd keeps its own)
             yield i0, i1, t0, t1, att, attn.view(g, (r1 - r0) * side, m * m)
+
+    def _image_chunks(
+        self, hr: torch.Tensor, q: torch.Tensor, w_k: torch.Tensor, b_k: torch.Tensor,
+        w_v: torch.Tensor, b_v: torch.Tensor, eps: float, side: int, m: int
+    ) -> Iterator[tuple[int, int, int, int, torch.Tensor, torch.Tensor]]:
+        """`_chunks` with the map read in place and never copied: per image, its token rows are
+        the batch of two GEMMs on strided views of the map ([rows, C_hr, M*W], the map's own
+        strides), each token scored against the M*W cells of its row and its own block kept
+        (side x the multiply-adds kept; temporaries [side, side, M*W] per image). Everything
+        else runs once for all images. One yield (all images, all tokens).
+        - In the map's dtype: a bf16 map is read as bf16, the GEMMs accumulate in fp32 (and
+          write fp32 where torch can, `_bmm32`), and the key and value Linears run in bf16 too
+          (as the release's do). Scores, softmax and the LayerNorm statistics are fp32. An
+          fp16 map is read in fp32 (its range cannot hold large scores).
+        - The mean is taken out through the query, not the map: q'.(x_j - mu_j) =
+          (q' - mean(q')).x_j, so no centred copy and no cancellation against the cell means.
+        - sum_j a_j xhat_j = sum_j w_j x_j - sum_j w_j mu_j with w_j = a_j rstd_j, the weights
+          placed block-diagonally for the second GEMM (rounded to the map's dtype once, and the
+          same rounded weights used in the correction)."""
+        b, c_hr, h, w = hr.shape
+        n = side * side
+        cdt = hr.dtype if hr.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        xs = hr.to(cdt)
+        if cdt == torch.float32:
+            var, mu = torch.var_mean(xs, dim=1, correction=0)  # [B, H, W]
+        else:  # fp32 accumulation without an fp32 copy of the map
+            mu = xs.sum(1, dtype=torch.float32) / c_hr
+            var = (torch.linalg.vector_norm(xs, 2, dim=1, dtype=torch.float32).square() / c_hr
+                   - mu.square()).clamp_min(0)
+        rstd = _cell_blocks(torch.rsqrt(var + eps), side, m)  # [B, N, M*M]
+        mu = _cell_blocks(mu, side, m)
+        qk = _bmm32(q.to(cdt), w_k.to(cdt).expand(b, -1, -1))  # [B, N, C_hr] fp32
+        qc = (qk - qk.mean(-1, keepdim=True)).to(cdt)  # the centred query
+        qb = q @ b_k  # [B, N]
+        rows = [xs[i].reshape(c_hr, side, m * w).transpose(0, 1) for i in range(b)]  # views
+        raw = torch.stack([_row_blocks(_bmm32(qc[i].view(side, side, c_hr), x), side, m)
+                           for i, x in enumerate(rows)])  # [B, N, M*M]: q'.(x_j - mu_j)
+        scores = rstd * raw + qb[..., None]
+        fmax = torch.finfo(torch.float32).max
+        attn = scores.clamp(-fmax, fmax).softmax(-1)
+        wgt = (attn * rstd).to(cdt)
+        placed = _place_row_blocks(wgt, side, m)  # [B, rows, tokens, M*W], 0 outside blocks
+        pooled = torch.stack([_bmm32(placed[i], x.transpose(1, 2)).view(n, c_hr)
+                              for i, x in enumerate(rows)])  # [B, N, C_hr]: sum_j w_j x_j
+        pooled = pooled - (wgt.float() * mu).sum(-1, keepdim=True)
+        att = F.linear(pooled.to(cdt), w_v.to(cdt), b_v.to(cdt))
+        yield 0, b, 0, n, att, attn
+
+
+_OUT_DTYPE_BMM = [True]  # torch.bmm(..., out_dtype=float32) for half inputs (CUDA, newer torch)
+
+
+def _bmm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b batched, the result in fp32: half inputs accumulate in fp32 in the GEMM and, where
+    torch offers it and no gradient is needed, are written out in fp32 without rounding."""
+    if a.dtype == torch.float32:
+        return torch.bmm(a, b)
+    if _OUT_DTYPE_BMM[0] and a.is_cuda and not (
+        torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    ):
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE_BMM[0] = False
+    return torch.bmm(a, b).float()
+
+
+def _row_blocks(full: torch.Tensor, side: int, m: int) -> torch.Tensor:
+    """[rows, tokens of the row, M*W] -> [N, M*M]: each token's scores on its own block."""
+    v = full.view(side, side, m, side, m)  # row, token col | mr, col', mc
+    return v.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(side * side, m * m)
+
+
+def _cell_blocks(per_cell: torch.Tensor, side: int, m: int) -> torch.Tensor:
+    """[B, H, W] -> [B, N, M*M]: each token's M x M block of a per-cell quantity."""
+    b = per_cell.shape[0]
+    return per_cell.view(b, side, m, side, m).permute(0, 1, 3, 2, 4).reshape(b, side * side, m * m)
+
+
+def _place_row_blocks(per_token: torch.Tensor, side: int, m: int) -> torch.Tensor:
+    """[B, N, M*M] -> [B, rows, tokens of the row, M*W]: each token's values in its own block."""
+    b = per_token.shape[0]
+    out = per_token.new_zeros(b, side, side, m, side, m)
+    out.diagonal(dim1=2, dim2=4).copy_(per_token.view(b, side, side, m, m).permute(0, 1, 3, 4, 2))
+    return out.view(b, side, side, m * side * m)
 
 
 def _diag(full: torch.Tensor, rr: int, side: int, m: int) -> torch.Tensor:
