@@ -269,7 +269,8 @@ class PatchMiningConnector(Connector):
         self, hr: torch.Tensor, qk: torch.Tensor, qb: torch.Tensor, w_v: torch.Tensor,
         b_v: torch.Tensor, eps: float, side: int, m: int
     ) -> Iterator[tuple[int, int, int, int, torch.Tensor, torch.Tensor]]:
-        """The GPU form of `_chunks` (same math, same yields): each token's own M x M block is
+        """The GPU's form of `_chunks` for small maps (same math, same yields; many images of a
+        training batch per step, where `_image_chunks` would loop): each token's own M x M block is
         copied out of the map (fp32, [tokens, C_hr, M*M]) and scored / averaged with two
         batched matrix-vector products, over as many token rows per step as fit
         ``chunk_cells`` (default 32768). A handful of large kernels per step instead of ~20 small
