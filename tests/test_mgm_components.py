@@ -86,6 +86,34 @@ def test_mining_matches_paper_formula(chunk_cells: int, n: int, side_hr: int, fo
     assert torch.equal(hr, before)  # normalised in place only on its own copies
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
+def test_mining_forms_agree_on_cuda() -> None:
+    """On a GPU (where `default_form` picks them): the image and gathered forms match the row form
+    in fp32 (outputs and every gradient) and stay close to it with a bf16 model and map."""
+    conn = _connector().cuda()
+    q = torch.randn(3, 16, C, device="cuda")
+    hr = torch.randn(3, C_HR, 64, 64, device="cuda") * 1.5 + 0.7  # 64 x 64: the image form's size
+    assert default_form(True, 64 * 64) == "image"
+    grads, outs = {}, {}
+    for form in FORMS:
+        conn.form = form
+        conn.zero_grad()
+        qq, hh = q.clone().requires_grad_(True), hr.clone().requires_grad_(True)
+        outs[form] = conn(VisionFeatures(qq, hh))
+        outs[form].square().sum().backward()
+        grads[form] = {k: p.grad.clone() for k, p in [*conn.named_parameters(), ("q", qq), ("hr", hh)]}
+    for form in ("image", "gathered"):
+        torch.testing.assert_close(outs[form], outs["rows"], atol=1e-4, rtol=1e-4)
+        for k, g in grads["rows"].items():
+            assert (grads[form][k] - g).abs().max() <= 1e-4 * g.abs().max() + 1e-6, (form, k)
+    half = conn.to(torch.bfloat16)
+    with torch.no_grad():
+        for form in ("image", "gathered"):
+            half.form = form
+            out = half(VisionFeatures(q.bfloat16(), hr.bfloat16())).float()
+            assert (out - outs["rows"]).abs().max() < 0.03 * outs["rows"].abs().max()
+
+
 def test_mining_default_form() -> None:
     """rows on the CPU; on a GPU an image per step from 64 x 64 maps up (768 px: 192 x 192),
     gathered blocks below (tiny-mgm's 24 x 24); a bad form is named."""
