@@ -337,19 +337,23 @@ class PatchMiningConnector(Connector):
             mu = xs.sum(1, dtype=torch.float32) / c_hr
             var = (torch.linalg.vector_norm(xs, 2, dim=1, dtype=torch.float32).square() / c_hr
                    - mu.square()).clamp_min(0)
-        rstd = _cell_blocks(torch.rsqrt(var + eps), side, m)  # [B, N, M*M]
-        mu = _cell_blocks(mu, side, m)
+        # per-token M x M blocks of the per-cell statistics, [B, N, M*M]
+        rstd = _blocks(torch.rsqrt(var + eps).view(b, h * w), side, side, m)
+        mu = _blocks(mu.view(b, h * w), side, side, m)
         qk = _bmm32(q.to(cdt), w_k.to(cdt).expand(b, -1, -1))  # [B, N, C_hr] fp32
         qc = (qk - qk.mean(-1, keepdim=True)).to(cdt)  # the centred query
         qb = q @ b_k  # [B, N]
         rows = [xs[i].reshape(c_hr, side, m * w).transpose(0, 1) for i in range(b)]  # views
-        raw = torch.stack([_row_blocks(_bmm32(qc[i].view(side, side, c_hr), x), side, m)
-                           for i, x in enumerate(rows)])  # [B, N, M*M]: q'.(x_j - mu_j)
+        # each row of tokens against its row's cells, each token's own block kept:
+        # [B, N, M*M] = q'.(x_j - mu_j)
+        raw = torch.stack([_own_blocks(_bmm32(qc[i].view(side, side, c_hr), x), 1, side, m)
+                           for i, x in enumerate(rows)]).view(b, n, m * m)
         scores = rstd * raw + qb[..., None]
         fmax = torch.finfo(torch.float32).max
         attn = scores.clamp(-fmax, fmax).softmax(-1)
         wgt = (attn * rstd).to(cdt)
-        placed = _place_row_blocks(wgt, side, m)  # [B, rows, tokens, M*W], 0 outside blocks
+        # [B, rows, tokens of the row, M*W], 0 outside each token's block
+        placed = _place_blocks(wgt.view(b * side, side, m * m), 1, side, m).view(b, side, side, m * w)
         pooled = torch.stack([_bmm32(placed[i], x.transpose(1, 2)).view(n, c_hr)
                               for i, x in enumerate(rows)])  # [B, N, C_hr]: sum_j w_j x_j
         pooled = pooled - (wgt.float() * mu).sum(-1, keepdim=True)
@@ -373,26 +377,6 @@ def _bmm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         except (TypeError, RuntimeError, NotImplementedError):
             _OUT_DTYPE_BMM[0] = False
     return torch.bmm(a, b).float()
-
-
-def _row_blocks(full: torch.Tensor, side: int, m: int) -> torch.Tensor:
-    """[rows, tokens of the row, M*W] -> [N, M*M]: each token's scores on its own block."""
-    v = full.view(side, side, m, side, m)  # row, token col | mr, col', mc
-    return v.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(side * side, m * m)
-
-
-def _cell_blocks(per_cell: torch.Tensor, side: int, m: int) -> torch.Tensor:
-    """[B, H, W] -> [B, N, M*M]: each token's M x M block of a per-cell quantity."""
-    b = per_cell.shape[0]
-    return per_cell.view(b, side, m, side, m).permute(0, 1, 3, 2, 4).reshape(b, side * side, m * m)
-
-
-def _place_row_blocks(per_token: torch.Tensor, side: int, m: int) -> torch.Tensor:
-    """[B, N, M*M] -> [B, rows, tokens of the row, M*W]: each token's values in its own block."""
-    b = per_token.shape[0]
-    out = per_token.new_zeros(b, side, side, m, side, m)
-    out.diagonal(dim1=2, dim2=4).copy_(per_token.view(b, side, side, m, m).permute(0, 1, 3, 4, 2))
-    return out.view(b, side, side, m * side * m)
 
 
 def _diag(full: torch.Tensor, rr: int, side: int, m: int) -> torch.Tensor:
