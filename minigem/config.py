@@ -147,6 +147,12 @@ class SynthConfig(StrictModel):
     max_turns: int = Field(4, ge=2)  # conversation records have 2..max_turns question-answer pairs
     # single-question records ask 1..qa_turns questions about their scene (categories by the mix)
     qa_turns: int = Field(1, ge=1)
+    # in the scenes of glyph questions, the chance that each object carries a glyph (one always
+    # does); 1.0 makes every glyph question a lookup among all the scene's glyphs
+    glyph_fill: float = Field(0.5, ge=0.0, le=1.0)
+    # the chance that a scene of 2-4 objects draws them from 2 shapes x 2 colours, so that only
+    # colour and shape together name an object (attribute binding); 0 = the world's scenes
+    binding: float = Field(0.0, ge=0.0, le=1.0)
     # text-only records: the scene's caption stands in the user turn where the image would be
     # (pretrain an LLM on the world's questions without pixels; no image is rendered)
     scene_as_text: bool = False

@@ -506,3 +506,70 @@ def test_qa_turns_ask_more_questions_about_the_same_scene() -> None:
     assert any(len(src[i].messages) > 2 for i in range(20))
     with pytest.raises(DataError, match="qa_turns must be >= 1, got 0"):
         SynthSource(5, 1, qa_turns=0)
+
+
+def test_glyph_fill_puts_a_glyph_on_every_object_of_glyph_questions() -> None:
+    """`glyph_fill: 1.0`: every object in a glyph question's scene carries a glyph, so one glyph
+    alone no longer answers; objects, cells and questions' targets stay the seed's, other
+    categories' records are unchanged; the default is the world's 0.5; a training source passes
+    it on; a value outside [0, 1] is an error (in the source and in the recipe's config)."""
+    from minigem.config import SynthConfig
+
+    mix = {"glyph": 1.0, "color": 1.0}
+    n_glyphs: Counter[int] = Counter()
+    for i in range(300):
+        scene, category, messages = make_conversation(i, 7, mix=mix, glyph_fill=1.0)
+        base = make_conversation(i, 7, mix=mix)
+        assert make_conversation(i, 7, mix=mix, glyph_fill=0.5) == base
+        assert category == base[1]
+        assert [(o.shape, o.color, o.cell) for o in scene.objects] == \
+            [(o.shape, o.color, o.cell) for o in base[0].objects]
+        if category != "glyph":
+            assert (scene, category, messages) == base
+            continue
+        assert all(o.glyph is not None for o in scene.objects)
+        assert messages[1].content == expected_answer(scene, messages[0].content.split("\n")[1])
+        n_glyphs[sum(o.glyph is not None for o in base[0].objects)] += 1
+    assert n_glyphs[1] > 40  # the default leaves many glyph questions with one glyph in the scene
+    src = SynthSource(30, 7, 96, mix={"glyph": 1.0}, glyph_fill=1.0)
+    sample = src[3]
+    assert sample.category == "glyph"
+    scene = make_conversation(3, 7, mix={"glyph": 1.0}, glyph_fill=1.0)[0]
+    assert all(o.glyph for o in scene.objects) and sample.messages == \
+        make_conversation(3, 7, mix={"glyph": 1.0}, glyph_fill=1.0)[2]
+    with pytest.raises(DataError, match=r"glyph_fill must be in \[0, 1\], got 1.5"):
+        SynthSource(5, 1, glyph_fill=1.5)
+    with pytest.raises(ValueError, match="glyph_fill"):
+        SynthConfig(n=5, glyph_fill=-0.1)
+
+
+def test_binding_scenes_share_shapes_and_colours() -> None:
+    """`binding: p`: about p of the scenes of 2-4 objects draw them from 2 shapes x 2 colours, so
+    an object shares its shape or colour with another; every answer (questions and generation
+    requests) still matches its scene; 0 leaves the seed's records as they are; a value outside
+    [0, 1] is an error (in the source and in the recipe's config)."""
+    from minigem.config import SynthConfig
+
+    mix = {"position": 1.0, "glyph": 1.0, "color": 1.0, "count": 1.0, "gen_context": 1.0}
+    small, shared = 0, 0
+    for i in range(400):
+        assert make_conversation(i, 3, mix=mix, binding=0.0) == make_conversation(i, 3, mix=mix)
+        scene, category, messages = make_conversation(i, 3, mix=mix, binding=0.5)
+        objs = scene.objects
+        if len(objs) >= 2:
+            small += 1
+            shared += len({o.shape for o in objs}) <= 2 and len({o.color for o in objs}) <= 2
+        assert len({(o.shape, o.color) for o in objs}) == len(objs)
+        if category == "generation":
+            assert re.search(r"<h>.+</h>", messages[1].content)
+            continue
+        question = messages[0].content.removeprefix("<image>\n")
+        assert messages[1].content == expected_answer(scene, question), (i, question)
+    # 0.5 of the scenes by the option, plus the world's own 2-object scenes that happen to share
+    assert 0.45 * small < shared < 0.8 * small, (shared, small)
+    src = SynthSource(10, 3, 96, mix=mix, binding=1.0)
+    assert src[0].messages == make_conversation(0, 3, mix=mix, binding=1.0)[2]
+    with pytest.raises(DataError, match=r"binding must be in \[0, 1\], got 2"):
+        SynthSource(5, 1, binding=2)
+    with pytest.raises(ValueError, match="binding"):
+        SynthConfig(n=5, binding=1.5)

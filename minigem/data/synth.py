@@ -109,14 +109,27 @@ class Scene:
 # ---------------------------------------------------------------- scenes and rendering
 
 
-def make_scene(rng: random.Random, *, need_glyph: bool = False) -> Scene:
-    """Draw a scene from `rng` (a `random.Random`); `need_glyph` forces at least one glyph."""
+def make_scene(rng: random.Random, *, need_glyph: bool = False, glyph_fill: float = 0.5,
+               binding: float = 0.0) -> Scene:
+    """Draw a scene from `rng` (a `random.Random`); `need_glyph` forces at least one glyph.
+
+    glyph_fill: in a scene with glyphs, the chance that each object carries one (one object always
+    does). The draws are the same for every value, so a seed's scenes differ only in their glyphs.
+    binding: the chance that a scene of 2-4 objects draws them from 2 shapes x 2 colours, so that
+    an object shares its shape or its colour with another and only both together name it (the
+    attribute binding a lookup like "the red circle" needs). At 0 no draw is made: the seed's
+    scenes are the world's.
+    """
     n = rng.randint(1, 4)
     cells = sorted(rng.sample(range(9), n))
-    kinds = rng.sample([(s, c) for s in SHAPES for c in COLORS], n)
+    if binding > 0 and n >= 2 and rng.random() < binding:
+        pool = [(s, c) for s in rng.sample(SHAPES, 2) for c in rng.sample(tuple(COLORS), 2)]
+    else:
+        pool = [(s, c) for s in SHAPES for c in COLORS]
+    kinds = rng.sample(pool, n)
     glyphed = [False] * n
     if need_glyph or rng.random() < GLYPH_SCENE_P:
-        glyphed = [rng.random() < 0.5 for _ in range(n)]
+        glyphed = [rng.random() < glyph_fill for _ in range(n)]
         glyphed[rng.randrange(n)] = True
     objs = tuple(
         Obj(shape=s, color=c, size=rng.choice(("small", "large")), cell=cell,
@@ -328,6 +341,7 @@ def _check_tasks(tasks: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
 def make_conversation(
     index: int, seed: int, tasks: list[str] | None = None,
     mix: dict[str, float] | None = None, max_turns: int = 4, qa_turns: int = 1,
+    glyph_fill: float = 0.5, binding: float = 0.0,
 ) -> tuple[Scene, str, list[Message]]:
     """The scene, category and messages of record `index` (everything but the pixels).
 
@@ -335,6 +349,10 @@ def make_conversation(
     qa_turns: a single-question record (colour, shape, existence, count, position, glyph, object)
     asks 1..qa_turns questions about its scene (`_more_turns`); its first turn, scene and category
     are those it has with qa_turns=1.
+    glyph_fill: in the scenes of glyph questions (`glyph`, `glyphs`), the chance that each object
+    carries a glyph (`make_scene`); at 1.0 every object does, so a question about one glyph can
+    only be answered by finding its object. Other categories' scenes keep the default.
+    binding: `make_scene`'s, for every record's scene (0: the world's scenes).
     """
     keep = _check_tasks(tasks if mix is None else list(mix))
     weights = MIX if mix is None else mix
@@ -344,10 +362,13 @@ def make_conversation(
     category = rng.choices(keep, weights=[weights[c] for c in keep])[0]
     if category in ("generation", "gen_context"):
         # `gen_context` draws only the in-context kind; its records are generation records
-        scene, messages = _generation(rng, in_context=True if category == "gen_context" else None)
+        scene, messages = _generation(rng, in_context=True if category == "gen_context" else None,
+                                      binding=binding)
         return scene, "generation", messages
     for _ in range(50):
-        scene = make_scene(rng, need_glyph=category in ("glyph", "glyphs"))
+        asks_glyph = category in ("glyph", "glyphs")
+        scene = make_scene(rng, need_glyph=asks_glyph, glyph_fill=glyph_fill if asks_glyph else 0.5,
+                           binding=binding)
         if category == "caption":
             turns: list[QA] = [(CAPTION_PROMPT, caption(scene))]
         elif category == "glyphs":
@@ -475,19 +496,20 @@ def _in_context(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
     return (f"draw a picture like this one but with the {o.shape} in {new}", " and ".join(parts))
 
 
-def _generation(rng: random.Random, in_context: bool | None = None,
+def _generation(rng: random.Random, in_context: bool | None = None, binding: float = 0.0,
                 ) -> tuple[Scene, list[Message]]:
     """A generation record: (scene, messages); re-caption requests carry no image.
-    in_context: None draws the kind (half each); True only requests about the scene image."""
+    in_context: None draws the kind (half each); True only requests about the scene image.
+    binding: `make_scene`'s."""
     if in_context is None:
         in_context = rng.random() < 0.5
-    scene = make_scene(rng)
+    scene = make_scene(rng, binding=binding)
     if in_context:
         for _ in range(50):
             req = _in_context(scene, rng)
             if req is not None:
                 break
-            scene = make_scene(rng)
+            scene = make_scene(rng, binding=binding)
         else:  # pragma: no cover - kind 2 always applies
             raise RuntimeError("could not build an in-context generation request")
     else:
@@ -499,10 +521,12 @@ def _generation(rng: random.Random, in_context: bool | None = None,
 
 
 def _record_text(index: int, seed: int, tasks: list[str] | None, mix: dict[str, float] | None,
-                 max_turns: int, scene_as_text: bool,
-                 qa_turns: int = 1) -> tuple[Scene, str, list[Message]]:
+                 max_turns: int, scene_as_text: bool, qa_turns: int = 1,
+                 glyph_fill: float = 0.5, binding: float = 0.0,
+                 ) -> tuple[Scene, str, list[Message]]:
     """make_conversation, with the scene's caption in place of the image if scene_as_text."""
-    scene, category, messages = make_conversation(index, seed, tasks, mix, max_turns, qa_turns)
+    scene, category, messages = make_conversation(index, seed, tasks, mix, max_turns, qa_turns,
+                                                  glyph_fill, binding)
     if scene_as_text:
         text = caption(scene)
         messages = [Message(m.role, m.content.replace("<image>", text)) for m in messages]
@@ -528,7 +552,7 @@ def render_size(image_size: int | Sequence[int], seed: int, index: int) -> int:
 def make_sample(
     index: int, seed: int, image_size: int | Sequence[int] = 128, tasks: list[str] | None = None,
     mix: dict[str, float] | None = None, max_turns: int = 4, scene_as_text: bool = False,
-    qa_turns: int = 1,
+    qa_turns: int = 1, glyph_fill: float = 0.5, binding: float = 0.0,
 ) -> Sample:
     """Record `index` of the world with this seed: one image, deterministic in (seed, index).
 
@@ -537,7 +561,7 @@ def make_sample(
     scene_as_text: the same record with the scene's caption in place of the image (no pixels).
     """
     scene, category, messages = _record_text(index, seed, tasks, mix, max_turns, scene_as_text,
-                                             qa_turns)
+                                             qa_turns, glyph_fill, binding)
     has_image = any("<image>" in m.content for m in messages)
     return Sample(
         id=f"synth-{seed}-{index:07d}", messages=messages,
@@ -552,15 +576,20 @@ class SynthSource:
     def __init__(self, n: int, seed: int, image_size: int | Sequence[int] = 128,
                  tasks: list[str] | None = None,
                  mix: dict[str, float] | None = None, max_turns: int = 4,
-                 scene_as_text: bool = False, qa_turns: int = 1):
+                 scene_as_text: bool = False, qa_turns: int = 1, glyph_fill: float = 0.5,
+                 binding: float = 0.0):
         if max_turns < 2:
             raise DataError(f"max_turns must be >= 2, got {max_turns}")
         if qa_turns < 1:
             raise DataError(f"qa_turns must be >= 1, got {qa_turns}")
+        if not 0.0 <= glyph_fill <= 1.0:
+            raise DataError(f"glyph_fill must be in [0, 1], got {glyph_fill}")
+        if not 0.0 <= binding <= 1.0:
+            raise DataError(f"binding must be in [0, 1], got {binding}")
         if mix is not None and (not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0):
             raise DataError(f"synthetic mix must have non-negative weights with a positive sum, got {mix}")
         self.mix, self.max_turns, self.scene_as_text = mix, max_turns, scene_as_text
-        self.qa_turns = qa_turns
+        self.qa_turns, self.glyph_fill, self.binding = qa_turns, glyph_fill, binding
         if n < 0:
             raise DataError(f"synthetic dataset size must be >= 0, got {n}")
         check_image_size(image_size)
@@ -576,12 +605,14 @@ class SynthSource:
         if not -self.n <= i < self.n:
             raise IndexError(f"index {i} out of range for SynthSource of size {self.n}")
         return make_sample(i % self.n, self.seed, self.image_size, self._tasks, self.mix,
-                           self.max_turns, self.scene_as_text, self.qa_turns)
+                           self.max_turns, self.scene_as_text, self.qa_turns, self.glyph_fill,
+                           self.binding)
 
     def length(self, i: int, tokens_per_image: int) -> int:
         """Record i's length proxy (`text_length`), from its text alone: nothing is drawn."""
         _, _, messages = _record_text(i % self.n, self.seed, self._tasks, self.mix, self.max_turns,
-                                      self.scene_as_text, self.qa_turns)
+                                      self.scene_as_text, self.qa_turns, self.glyph_fill,
+                                      self.binding)
         return text_length(messages, tokens_per_image)
 
 
