@@ -11,6 +11,8 @@ a misread one. Requests to draw "the object at the <place> of this picture" are 
 way by the object the answer names.
 
     python scripts/lookup_report.py --data D/data.json --predictions P.jsonl [--tasks T,..] [--json]
+
+Several splits are pooled with `--data D1/data.json D2/data.json --predictions P1 P2` (in pairs).
 """
 
 from __future__ import annotations
@@ -50,9 +52,12 @@ def _bucket(others: list, target) -> str:
             (False, True): "another shares the colour", (True, True): "others share both"}[shape, color]
 
 
-def report(data: Path, predictions: Path, tasks: list[str] | None) -> dict:
+def report(data: Path, predictions: Path, tasks: list[str] | None,
+           rows: dict[tuple[str, str], list[int]] | None = None) -> dict:
+    """{"KIND | BUCKET": {right, n, wrong_is_another_objects}}; `rows` pools several calls."""
     records = {r["id"]: r for r in json.loads(data.read_text())}
-    rows: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])  # right, n, other's
+    if rows is None:
+        rows = defaultdict(lambda: [0, 0, 0])  # right, n, wrong answers that are another object's
     for k, line in enumerate(predictions.read_text().splitlines(), 1):
         pred = json.loads(line)
         rec = records.get(pred["id"])
@@ -88,15 +93,20 @@ def report(data: Path, predictions: Path, tasks: list[str] | None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True, type=Path, help="the split's data.json")
-    ap.add_argument("--predictions", required=True, type=Path, help="minigem eval --predictions file")
+    ap.add_argument("--data", required=True, type=Path, nargs="+", help="the split's data.json")
+    ap.add_argument("--predictions", required=True, type=Path, nargs="+",
+                    help="minigem eval --predictions file (one per --data)")
     ap.add_argument("--tasks", default=None, help="the --tasks the split was made with")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    for path in (args.data, args.predictions):
+    if len(args.data) != len(args.predictions):
+        raise SystemExit(f"{len(args.data)} --data files but {len(args.predictions)} --predictions")
+    for path in (*args.data, *args.predictions):
         if not path.is_file():
             raise SystemExit(f"{path}: no such file")
-    out = report(args.data, args.predictions, args.tasks.split(",") if args.tasks else None)
+    rows: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for data, preds in zip(args.data, args.predictions, strict=True):
+        out = report(data, preds, args.tasks.split(",") if args.tasks else None, rows)
     if args.json:
         print(json.dumps(out, indent=1))
         return 0

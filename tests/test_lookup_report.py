@@ -87,3 +87,10 @@ def test_draw_at_a_place_requests(tmp_path, capsys) -> None:
                for k, r in out.items() if not k.endswith("alone"))
     assert lr.main(["--data", str(data), "--predictions", str(preds), "--tasks", "generation"]) == 0
     assert "| draw the object at a place | alone |" in capsys.readouterr().out
+    # two splits pooled: every count doubles
+    assert lr.main(["--data", str(data), str(data), "--predictions", str(preds), str(preds),
+                    "--tasks", "generation", "--json"]) == 0
+    pooled = json.loads(capsys.readouterr().out)
+    assert {k: r["n"] for k, r in pooled.items()} == {k: 2 * r["n"] for k, r in out.items()}
+    with pytest.raises(SystemExit, match="2 --data files but 1 --predictions"):
+        lr.main(["--data", str(data), str(data), "--predictions", str(preds)])
