@@ -149,7 +149,7 @@ class SynthConfig(StrictModel):
     qa_turns: int = Field(1, ge=1)
     # in the scenes of glyph questions, the chance that each object carries a glyph (one always
     # does); 1.0 makes every glyph question a lookup among all the scene's glyphs
-    glyph_fill: float = Field(0.5, ge=0.0, le=1.0)
+    glyph_fill: float = Field(0.5, ge=0.0, le=1.0)  # the world's own: synth.GLYPH_FILL
     # the chance that a scene of 2-4 objects draws them from 2 shapes x 2 colours, so that only
     # colour and shape together name an object (attribute binding); 0 = the world's scenes
     binding: float = Field(0.0, ge=0.0, le=1.0)

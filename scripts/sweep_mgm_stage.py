@@ -8,8 +8,8 @@ Each variant is recipes/tiny-mgm.yaml with its `mgm` stage changed as in VARIANT
 process), then `minigem eval` on three splits generated here (3000 records of scene questions,
 2000 generation requests, 400 `object` questions; seeds 20261301-3, not used to choose
 anything before). On one GPU the processes share the device (for the docs: 8 variants at once
-on an H100, ~6.5 min of training each); on this CPU run one variant at a time. Work files go to
-/tmp/sweep; OUT/results.json holds the per-category scores.
+on an H100, ~6.5 min of training each); on this CPU run one variant at a time. Runs, splits and
+logs go to OUT/work; OUT/results.json holds the per-category scores.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import yaml
 
-BASE = yaml.safe_load(Path("recipes/tiny-mgm.yaml").read_text())
+REPO = Path(__file__).resolve().parents[1]
+BASE = yaml.safe_load((REPO / "recipes" / "tiny-mgm.yaml").read_text())
 MIX = BASE["training"]["stages"][-1]["data"]["synth"]["mix"]
 POS = {**MIX, "color": 0.05, "shape": 0.05, "existence": 0.06, "position": 0.10,
        "gen_context": 0.20}
@@ -47,20 +48,19 @@ SPLITS = {  # name -> `minigem data synth` arguments
     "obj": ["--n", "400", "--seed", "20261303", "--image-size", "96", "--tasks", "object"],
 }
 CLI = [sys.executable, "-m", "minigem.cli"]
-ROOT = Path("/tmp/sweep")
 
 
-def prepare(name: str, boundary: Path) -> Path:
+def prepare(name: str, boundary: Path, root: Path) -> Path:
     """Write the variant's recipe and a run folder that resumes at the boundary."""
     recipe = copy.deepcopy(BASE)
     stage = recipe["training"]["stages"][-1]
     change = copy.deepcopy(VARIANTS[name])
     stage["data"]["synth"].update(change.pop("synth", {}))
     stage.update(change)
-    recipe["training"].update(output_dir=str(ROOT / name), bf16="off", save_every=100000)
-    path = ROOT / f"{name}.yaml"
+    recipe["training"].update(output_dir=str(root / name), bf16="off", save_every=100000)
+    path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    ckpts = ROOT / name / "checkpoints"
+    ckpts = root / name / "checkpoints"
     ckpts.mkdir(parents=True, exist_ok=True)
     shutil.copytree(boundary, ckpts / "stage5-step0000000", dirs_exist_ok=True)
     (ckpts / "latest").write_text("stage5-step0000000\n")
@@ -84,17 +84,17 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
     t0 = time.time()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ROOT.mkdir(exist_ok=True)
+    out = Path(a.out).resolve()
+    root = out / "work"
+    root.mkdir(parents=True, exist_ok=True)
     names = a.variants.split(",")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    train = {n: subprocess.Popen(CLI + ["train", str(prepare(n, Path(a.boundary))), "--resume"],
-                                 stdout=open(ROOT / f"{n}.log", "w"), stderr=subprocess.STDOUT, env=env)
+    train = {n: subprocess.Popen(CLI + ["train", str(prepare(n, Path(a.boundary), root)), "--resume"],
+                                 stdout=open(root / f"{n}.log", "w"), stderr=subprocess.STDOUT, env=env)
              for n in names}
     for s, args in SPLITS.items():
-        if not (ROOT / s / "data.json").exists():
-            subprocess.run(CLI + ["data", "synth", "--out", str(ROOT / s)] + args, check=True,
+        if not (root / s / "data.json").exists():
+            subprocess.run(CLI + ["data", "synth", "--out", str(root / s)] + args, check=True,
                            stdout=subprocess.DEVNULL)
     trained = {}
     for n, p in train.items():
@@ -102,17 +102,17 @@ def main() -> None:
         print(f"trained {n}: rc {p.returncode}, {time.time() - t0:.0f} s", flush=True)
     evals = {
         (n, s): subprocess.Popen(
-            CLI + ["eval", "--model", str(ROOT / n / "final"), "--data", str(ROOT / s / "data.json"),
-                   "--image-folder", str(ROOT / s), "--json", "--dtype", "fp32", "--device", a.device,
+            CLI + ["eval", "--model", str(root / n / "final"), "--data", str(root / s / "data.json"),
+                   "--image-folder", str(root / s), "--json", "--dtype", "fp32", "--device", a.device,
                    "--batch-size", "64", "--predictions", str(out / f"pred-{n}-{s}.jsonl")],
-            stdout=open(ROOT / f"ev-{n}-{s}.json", "w"), stderr=open(ROOT / f"ev-{n}-{s}.err", "w"),
+            stdout=open(root / f"ev-{n}-{s}.json", "w"), stderr=open(root / f"ev-{n}-{s}.err", "w"),
             env=env)
         for n in names if trained[n] for s in SPLITS
     }
     raw: dict = {}
     for (n, s), p in evals.items():
         p.wait()
-        raw.setdefault(n, {})[s] = json.loads((ROOT / f"ev-{n}-{s}.json").read_text() or "{}")
+        raw.setdefault(n, {})[s] = json.loads((root / f"ev-{n}-{s}.json").read_text() or "{}")
     summary = {n: scores(r) for n, r in raw.items()}
     for n, row in summary.items():
         print(n, row, flush=True)

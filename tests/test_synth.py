@@ -520,7 +520,6 @@ def test_glyph_fill_puts_a_glyph_on_every_object_of_glyph_questions() -> None:
     for i in range(300):
         scene, category, messages = make_conversation(i, 7, mix=mix, glyph_fill=1.0)
         base = make_conversation(i, 7, mix=mix)
-        assert make_conversation(i, 7, mix=mix, glyph_fill=0.5) == base
         assert category == base[1]
         assert [(o.shape, o.color, o.cell) for o in scene.objects] == \
             [(o.shape, o.color, o.cell) for o in base[0].objects]
@@ -553,7 +552,6 @@ def test_binding_scenes_share_shapes_and_colours() -> None:
     mix = {"position": 1.0, "glyph": 1.0, "color": 1.0, "count": 1.0, "gen_context": 1.0}
     small, shared = 0, 0
     for i in range(400):
-        assert make_conversation(i, 3, mix=mix, binding=0.0) == make_conversation(i, 3, mix=mix)
         scene, category, messages = make_conversation(i, 3, mix=mix, binding=0.5)
         objs = scene.objects
         if len(objs) >= 2:
@@ -573,3 +571,24 @@ def test_binding_scenes_share_shapes_and_colours() -> None:
         SynthSource(5, 1, binding=2)
     with pytest.raises(ValueError, match="binding"):
         SynthConfig(n=5, binding=1.5)
+
+
+# Records of a split written by `minigem data synth --seed 20261206 --image-size 96` before
+# `glyph_fill` and `binding` existed: their defaults must draw the same scenes and glyphs.
+OLD_RECORDS = [
+    (4, "What is written on the red circle?", "8"), (14, "How many squares are there?", "2"),
+    (16, "What color is the square?", "purple"), (17, "What is written on the red triangle?", "9"),
+    (18, "What is written on the yellow square?", "x"), (24, "What color is the circle?", "green"),
+    (27, "What is written on the orange diamond?", "k"),
+    (31, "What is written on the yellow square?", "k"),
+    # these four change when each object's glyph chance moves off 0.5 (to 0.45 or 0.55)
+    (82, "What is written on the blue triangle?", "4"), (109, "What is written on the red diamond?", "5"),
+    (148, "What is written on the blue square?", "4"),
+    (170, "What is written on the orange diamond?", "3"),
+]
+
+
+def test_default_options_keep_the_worlds_records() -> None:
+    for index, question, answer in OLD_RECORDS:
+        _, _, messages = make_conversation(index, 20261206)
+        assert (messages[0].content, messages[1].content) == (f"<image>\n{question}", answer)

@@ -122,6 +122,9 @@ class PatchMiningConnector(Connector):
         # None: "rows" on the CPU; on a GPU "image" for maps of _IMAGE_CELLS cells or more (768 px
         # and up), else "gathered" (small maps: an image per step would be launch-bound).
         self.form: str | None = None
+        # `_folded`'s result without autograd, and the parameters' (pointer, version) it is for
+        self._folded_cache: tuple[torch.Tensor, ...] | None = None
+        self._folded_key: tuple | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -196,7 +199,7 @@ class PatchMiningConnector(Connector):
         if torch.is_grad_enabled() and any(t.requires_grad for t in params):
             return self._fold()
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in params)
-        if getattr(self, "_folded_key", None) != key:
+        if self._folded_key != key:
             self._folded_cache, self._folded_key = self._fold(), key
         return self._folded_cache
 

@@ -58,6 +58,7 @@ POSITIONS: tuple[str, ...] = (
     "bottom left", "bottom", "bottom right",
 )
 GLYPH_SCENE_P = 0.4  # fraction of scenes (outside the `glyph` category) with glyphs
+GLYPH_FILL = 0.5  # in a scene with glyphs, the chance that each object carries one
 # 5x7 bitmap font (rows top to bottom, "1" = ink). Answers are the lower-case key.
 FONT: dict[str, tuple[str, ...]] = {
     "0": ("01110", "10001", "10011", "10101", "11001", "10001", "01110"),
@@ -109,7 +110,7 @@ class Scene:
 # ---------------------------------------------------------------- scenes and rendering
 
 
-def make_scene(rng: random.Random, *, need_glyph: bool = False, glyph_fill: float = 0.5,
+def make_scene(rng: random.Random, *, need_glyph: bool = False, glyph_fill: float = GLYPH_FILL,
                binding: float = 0.0) -> Scene:
     """Draw a scene from `rng` (a `random.Random`); `need_glyph` forces at least one glyph.
 
@@ -340,8 +341,8 @@ def _check_tasks(tasks: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
 
 def make_conversation(
     index: int, seed: int, tasks: list[str] | None = None,
-    mix: dict[str, float] | None = None, max_turns: int = 4, qa_turns: int = 1,
-    glyph_fill: float = 0.5, binding: float = 0.0,
+    mix: dict[str, float] | None = None, max_turns: int = 4, qa_turns: int = 1, *,
+    glyph_fill: float = GLYPH_FILL, binding: float = 0.0,
 ) -> tuple[Scene, str, list[Message]]:
     """The scene, category and messages of record `index` (everything but the pixels).
 
@@ -365,10 +366,10 @@ def make_conversation(
         scene, messages = _generation(rng, in_context=True if category == "gen_context" else None,
                                       binding=binding)
         return scene, "generation", messages
+    asks_glyph = category in ("glyph", "glyphs")
     for _ in range(50):
-        asks_glyph = category in ("glyph", "glyphs")
-        scene = make_scene(rng, need_glyph=asks_glyph, glyph_fill=glyph_fill if asks_glyph else 0.5,
-                           binding=binding)
+        scene = make_scene(rng, need_glyph=asks_glyph,
+                           glyph_fill=glyph_fill if asks_glyph else GLYPH_FILL, binding=binding)
         if category == "caption":
             turns: list[QA] = [(CAPTION_PROMPT, caption(scene))]
         elif category == "glyphs":
@@ -521,12 +522,12 @@ def _generation(rng: random.Random, in_context: bool | None = None, binding: flo
 
 
 def _record_text(index: int, seed: int, tasks: list[str] | None, mix: dict[str, float] | None,
-                 max_turns: int, scene_as_text: bool, qa_turns: int = 1,
-                 glyph_fill: float = 0.5, binding: float = 0.0,
+                 max_turns: int, scene_as_text: bool, qa_turns: int = 1, *,
+                 glyph_fill: float = GLYPH_FILL, binding: float = 0.0,
                  ) -> tuple[Scene, str, list[Message]]:
     """make_conversation, with the scene's caption in place of the image if scene_as_text."""
     scene, category, messages = make_conversation(index, seed, tasks, mix, max_turns, qa_turns,
-                                                  glyph_fill, binding)
+                                                  glyph_fill=glyph_fill, binding=binding)
     if scene_as_text:
         text = caption(scene)
         messages = [Message(m.role, m.content.replace("<image>", text)) for m in messages]
@@ -552,7 +553,7 @@ def render_size(image_size: int | Sequence[int], seed: int, index: int) -> int:
 def make_sample(
     index: int, seed: int, image_size: int | Sequence[int] = 128, tasks: list[str] | None = None,
     mix: dict[str, float] | None = None, max_turns: int = 4, scene_as_text: bool = False,
-    qa_turns: int = 1, glyph_fill: float = 0.5, binding: float = 0.0,
+    qa_turns: int = 1, *, glyph_fill: float = GLYPH_FILL, binding: float = 0.0,
 ) -> Sample:
     """Record `index` of the world with this seed: one image, deterministic in (seed, index).
 
@@ -561,7 +562,7 @@ def make_sample(
     scene_as_text: the same record with the scene's caption in place of the image (no pixels).
     """
     scene, category, messages = _record_text(index, seed, tasks, mix, max_turns, scene_as_text,
-                                             qa_turns, glyph_fill, binding)
+                                             qa_turns, glyph_fill=glyph_fill, binding=binding)
     has_image = any("<image>" in m.content for m in messages)
     return Sample(
         id=f"synth-{seed}-{index:07d}", messages=messages,
@@ -576,8 +577,8 @@ class SynthSource:
     def __init__(self, n: int, seed: int, image_size: int | Sequence[int] = 128,
                  tasks: list[str] | None = None,
                  mix: dict[str, float] | None = None, max_turns: int = 4,
-                 scene_as_text: bool = False, qa_turns: int = 1, glyph_fill: float = 0.5,
-                 binding: float = 0.0):
+                 scene_as_text: bool = False, qa_turns: int = 1, *,
+                 glyph_fill: float = GLYPH_FILL, binding: float = 0.0):
         if max_turns < 2:
             raise DataError(f"max_turns must be >= 2, got {max_turns}")
         if qa_turns < 1:
@@ -605,14 +606,14 @@ class SynthSource:
         if not -self.n <= i < self.n:
             raise IndexError(f"index {i} out of range for SynthSource of size {self.n}")
         return make_sample(i % self.n, self.seed, self.image_size, self._tasks, self.mix,
-                           self.max_turns, self.scene_as_text, self.qa_turns, self.glyph_fill,
-                           self.binding)
+                           self.max_turns, self.scene_as_text, self.qa_turns,
+                           glyph_fill=self.glyph_fill, binding=self.binding)
 
     def length(self, i: int, tokens_per_image: int) -> int:
         """Record i's length proxy (`text_length`), from its text alone: nothing is drawn."""
         _, _, messages = _record_text(i % self.n, self.seed, self._tasks, self.mix, self.max_turns,
-                                      self.scene_as_text, self.qa_turns, self.glyph_fill,
-                                      self.binding)
+                                      self.scene_as_text, self.qa_turns,
+                                      glyph_fill=self.glyph_fill, binding=self.binding)
         return text_length(messages, tokens_per_image)
 
 

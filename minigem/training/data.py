@@ -18,7 +18,7 @@ def open_source(cfg: DataConfig, image_token: str = "<image>"):
 
         s = cfg.synth
         return SynthSource(s.n, s.seed, s.image_size, s.tasks, s.mix, s.max_turns, s.scene_as_text,
-                           s.qa_turns, s.glyph_fill, s.binding)
+                           s.qa_turns, glyph_fill=s.glyph_fill, binding=s.binding)
     from minigem.data.llava_json import LlavaJsonDataset
 
     return LlavaJsonDataset(cfg.path, cfg.image_folder, cfg.skip_bad, image_token)

@@ -229,7 +229,8 @@ class DiffusionTrainer:
         log.info("%s step %d: colour match %.1f%% on %d proxy prompts", stage.name, step, 100 * rate, len(items))
 
     def _save(self, stage: int, step: int, opt, sched, ema=None) -> None:
-        save_checkpoint(self.out, self.model, trainer_state(stage, step, self.history, opt and opt.state_dict(), sched, ema),
+        opt_state = opt.state_dict() if opt is not None else None
+        save_checkpoint(self.out, self.model, trainer_state(stage, step, self.history, opt_state, sched, ema),
                         write=_write_weights)
 
     def _log(self, rec: dict) -> None:
