@@ -66,16 +66,17 @@ def word_positions(pieces: list[str], phrase: str, words: tuple[str, ...]) -> li
 def analyse(model, data: Path, image_folder: Path, category: str = "position",
             limit: int | None = None, tasks: list[str] | None = None) -> dict:
     """{"n", "gather": {"colour", "shape"}: [L][H], "lookup": {bucket: {"n", "target",
-    "same_shape", "same_colour"}: [L][H]}} of mean attention at the answer position."""
+    "same_shape", "same_colour"}: [L][H]}} of mean attention at the answer position.
+
+    `model` (on the CPU) is switched to eager attention, the one that returns its weights."""
     lm = model.language_model
-    lm.set_attn_implementation("eager")  # the fused kernels return no attention weights
+    lm.set_attn_implementation("eager")
     if model.processor.views_per_image != 1:
         raise SystemExit("HD models (several views per image) are not supported")
     cells = token_cells(model.tokens_per_image)
     records = json.loads(data.read_text())
     gather: dict[str, torch.Tensor] = {}
-    lookup: dict[str, dict] = defaultdict(dict)
-    counts: dict[str, int] = defaultdict(int)
+    lookup: dict[str, dict] = defaultdict(lambda: {"n": 0})
     n = 0
     for rec in records:
         question = rec["conversations"][0]["value"]
@@ -88,18 +89,16 @@ def analyse(model, data: Path, image_folder: Path, category: str = "position",
                   and (category == "position" or o.glyph is not None)]
         ids = model.encode_prompt(model.user_messages(m[0], 1), 1)
         pix = model.processor([Image.open(image_folder / rec["image"]).convert("RGB")])
-        t = torch.tensor([ids], device=model.device)
+        t = torch.tensor([ids])
         with torch.inference_mode():
-            emb = model.embed(t, pix["pixel_values"].to(model.device, model.dtype),
-                              None if pix["pixel_values_aux"] is None
-                              else pix["pixel_values_aux"].to(model.device, model.dtype))
+            emb = model.embed(t, pix["pixel_values"], pix["pixel_values_aux"])
             att = lm(inputs_embeds=emb, output_attentions=True).attentions
-        last = torch.stack([a[0, :, -1].float().cpu() for a in att])  # [L, H, S]
+        last = torch.stack([a[0, :, -1].float() for a in att])  # [L, H, S]
         pieces = [model.tokenizer.decode([i]) for i in ids]
         col, shp = word_positions(pieces, f"{m[1]} {m[2]}?", (m[1], m[2]))
         for key, where in (("colour", col), ("shape", shp)):
             gather[key] = gather.get(key, 0) + last[..., where].sum(-1)
-        vis = (t[0] == model.image_token_id).nonzero().squeeze(-1).cpu()
+        vis = (t[0] == model.image_token_id).nonzero().squeeze(-1)
         on_vis = last[..., vis]  # [L, H, T] over the visual tokens
         per_cell = torch.zeros(*on_vis.shape[:2], 9)
         per_cell.index_add_(2, torch.tensor(cells), on_vis)
@@ -111,7 +110,7 @@ def analyse(model, data: Path, image_folder: Path, category: str = "position",
             if alike:
                 row[key] = row.get(key, 0) + per_cell[..., alike].mean(-1)
                 row[f"n_{key}"] = row.get(f"n_{key}", 0) + 1
-        counts[bucket] += 1
+        row["n"] += 1
         n += 1
         if limit is not None and n >= limit:
             break
@@ -121,7 +120,7 @@ def analyse(model, data: Path, image_folder: Path, category: str = "position",
     out = {"n": n, "category": category,
            "gather": {k: (v / n).tolist() for k, v in gather.items()}, "lookup": {}}
     for bucket, row in sorted(lookup.items()):
-        entry = {"n": counts[bucket], "target": (row["target"] / counts[bucket]).tolist()}
+        entry = {"n": row["n"], "target": (row["target"] / row["n"]).tolist()}
         for key in ("same_shape", "same_colour"):
             if key in row:
                 entry[key] = (row[key] / row[f"n_{key}"]).tolist()
