@@ -286,6 +286,8 @@ class TrainingConfig(StrictModel):
     gradient_checkpointing: bool = False
     log_every: int = Field(10, gt=0)
     save_every: int = Field(500, gt=0)  # optimizer steps between checkpoints
+    # keep every stage-boundary checkpoint (checkpoints/stageK-step0000000) instead of pruning it
+    keep_boundaries: bool = False
     eval_every: int | None = None
     num_workers: int = Field(0, ge=0)
     # start from a native checkpoint directory (model, tokenizer and `model` config come from it)

@@ -108,6 +108,31 @@ def test_resume_is_bit_identical(full_run, tmp_path, capsys):
     assert [tuple(r.get(f) for f in fields) for r in _metrics(run)] == rows
 
 
+@pytest.mark.parametrize("keep_boundaries", [False, True])
+def test_checkpoints_pruned_to_the_newest_two_unless_boundaries_are_kept(tmp_path, keep_boundaries):
+    first = {**INSTRUCT, "name": "first", "steps": 2}
+    recipe = tiny_recipe(tmp_path, [first, {**INSTRUCT, "steps": 2}], save_every=1,
+                         keep_boundaries=keep_boundaries)
+    _train(recipe)
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("stage*"))
+    # saved: stage0-step1, stage1-step0 (boundary), stage1-step1, stage1-step2, stage2-step0 (end)
+    newest = ["stage1-step0000002", "stage2-step0000000"]
+    assert names == (["stage1-step0000000", *newest] if keep_boundaries else newest)
+
+
+def test_checkpoint_order_is_numeric(tmp_path):
+    """stage10 is newer than stage9 (a name sort would prune the newest)."""
+    from minigem.training.checkpoint import save_checkpoint
+
+    def write(model, directory):
+        (directory / "w").write_text("x")
+
+    for stage, step in [(9, 5), (10, 0), (10, 5)]:
+        save_checkpoint(tmp_path, None, {"stage": stage, "step": step}, write=write)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("stage*"))
+    assert names == ["stage10-step0000000", "stage10-step0000005"]
+
+
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
     stage = {**INSTRUCT, "steps": 2}
     _train(tiny_recipe(tmp_path, [stage], name="a.yaml"), "--resume")

@@ -45,10 +45,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _stage_step(path: Path) -> tuple[int, int]:
+    """(stage, step) of a checkpoints/stage{i}-step{s} directory, for ordering (stage10 > stage9)."""
+    stage, step = path.name.removeprefix("stage").split("-step")
+    return int(stage), int(step)
+
+
 def save_checkpoint(output_dir: str | Path, model, trainer_state: dict[str, Any], keep: int = 2,
-                    write=write_model) -> Path:
+                    write=write_model, keep_boundaries: bool = False) -> Path:
     """Write checkpoints/stage{i}-step{s}/ atomically, then point checkpoints/latest at it.
 
+    Older checkpoints beyond the newest `keep` are removed, except stage boundaries (step 0: the
+    weights a stage starts from) when keep_boundaries.
     write(model, directory) writes the weights (default: a native VLM checkpoint)."""
     root = checkpoint_root(output_dir)
     name = f"stage{trainer_state['stage']}-step{trainer_state['step']:07d}"
@@ -59,9 +67,11 @@ def save_checkpoint(output_dir: str | Path, model, trainer_state: dict[str, Any]
     latest_tmp = root / ".latest.tmp"
     latest_tmp.write_text(name + "\n")
     os.replace(latest_tmp, root / "latest")
-    olds = sorted(p for p in root.glob("stage*-step*") if p.is_dir() and p.name != name)
+    olds = sorted((p for p in root.glob("stage*-step*") if p.is_dir() and p.name != name),
+                  key=_stage_step)
     for p in olds[: max(0, len(olds) - (keep - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
+        if not (keep_boundaries and _stage_step(p)[1] == 0):
+            shutil.rmtree(p, ignore_errors=True)
     return dst
 
 

@@ -350,7 +350,7 @@ class Trainer:
         state = trainer_state(stage, step, self.history, opt_state, sched, ema,
                               heads=heads.state_dict() if heads is not None else None)
         save_checkpoint(self.out, self.acc.unwrap_model(self.model), state,
-                        write=partial(write_model, state=full))
+                        write=partial(write_model, state=full), keep_boundaries=self.cfg.keep_boundaries)
 
     def _evaluate(self, stage: StageConfig, step: int, source, heads=None) -> None:
         if stage.kind == "glyph":  # held-out scenes: glyph accuracy of the stage's head
