@@ -1,8 +1,10 @@
 """Copy a checkpoint with some of its weights taken from another one (a controlled experiment).
 
 A multi-stage recipe's stages often train disjoint parts of a model: in `recipes/tiny-mgm.yaml`
-the HR ConvNeXt and the patch mining learn in `hr-contrastive` and `mining` from the LR tower
-alone, whatever the LLM is. To ask "what would this run have done with that run's HR path", take
+the HR ConvNeXt and the patch mining learn in `hr-contrastive` and `mining`, and the LLM in
+`llava` and `mgm` (the mining's query still reads `connector.pos_embed`, which `llava` trains, so
+the parts are not fully independent). To ask "what would this run have done with that run's HR
+path", take
 one run's stage-boundary checkpoint (weights, tokenizer and `trainer_state.pt` are copied as they
 are) and replace every tensor whose name starts with one of the prefixes by the donor's:
 
