@@ -174,6 +174,8 @@ def test_cli_train_resume_and_quality_script(tmp_path, capsys):
     capsys.readouterr()
     a, b = _weights(full / "final"), _weights(part / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    calls = json.loads((part / "environment.json").read_text())["calls"]  # what each call ran under
+    assert [c["resumed_from"] for c in calls] == [None, "stage0-step0000002"]
 
     # the quality script, with the bundled VLM
     sys_argv = sys.argv

@@ -121,6 +121,9 @@ class DiffusionTrainer:
             self.history = state.get("history", [])
             self.model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
             log.info("resuming from %s (stage %d, step %d)", ckpt, start_stage, start_step)
+        from minigem.training.environment import describe, record
+
+        record(self.out, describe("cpu", bf16=False), found[0].name if found is not None else None)
         self.budget = stop_after
         for i, stage in enumerate(self.cfg.stages):
             if i < start_stage:

@@ -42,6 +42,8 @@ from minigem.training.engines import (
     load_optimizer_state,
     optimizer_state,
 )
+from minigem.training.environment import describe as describe_environment
+from minigem.training.environment import record as record_environment
 from minigem.training.stages import apply_stage
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,7 @@ class Trainer:
         bf16 = use_bf16(self.cfg.bf16, PartialState(cpu=cpu).device)
         AcceleratorState._reset_state(reset_partial_state=False)
         self.acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=cpu)
+        self.bf16 = bf16
         self.engine = None  # the current stage's prepared model (FSDP/DeepSpeed wrap it)
         self.out = Path(self.cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -138,6 +141,10 @@ class Trainer:
 
             load_state(self.model, load_file(str(ckpt / "model.safetensors")), str(ckpt))
             log.info("resuming from %s (stage %d, step %d)", ckpt, start_stage, start_step)
+        if self.acc.is_main_process:  # what the numbers depend on besides the recipe
+            record_environment(self.out, describe_environment(self.acc.device, self.bf16,
+                                                              self.acc.num_processes),
+                               resumed_from=found[0].name if found is not None else None)
         self.budget = stop_after
         for i, stage in enumerate(self.cfg.stages):
             if i < start_stage:
