@@ -62,16 +62,14 @@ def test_bad_input_is_named(tmp_path, capsys):
     good = _run(tmp_path / "good", _rows([1.0]))
     assert cr.main([str(good), str(tmp_path / "missing")]) == 2
     assert "missing: no metrics.jsonl" in capsys.readouterr().err
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "metrics.jsonl").write_text('{"stage": "s", "step": 10, "loss": 1}\n{oops\n')
-    assert cr.main([str(good), str(bad)]) == 2
-    assert "metrics.jsonl:2: not a JSON line" in capsys.readouterr().err
-    other = _run(tmp_path / "other", _rows([1.0], "t"))
-    assert cr.main([str(good), str(other)]) == 2
-    assert "share no logged step" in capsys.readouterr().err
-    nostep = tmp_path / "nostep"
-    nostep.mkdir()
-    (nostep / "metrics.jsonl").write_text('{"loss": 1}\n')
-    assert cr.main([str(good), str(nostep)]) == 2
-    assert "needs 'stage' and 'step'" in capsys.readouterr().err
+    cases = {  # metrics.jsonl text -> the error it gets
+        '{"stage": "s", "step": 10, "loss": 1}\n{oops\n': "metrics.jsonl:2: not a JSON line",
+        '{"stage": "t", "step": 10, "loss": 1}\n': "share no logged step",
+        '{"loss": 1}\n': "needs 'stage' and 'step'",
+    }
+    for i, (text, error) in enumerate(cases.items()):
+        bad = tmp_path / f"bad{i}"
+        bad.mkdir()
+        (bad / "metrics.jsonl").write_text(text)
+        assert cr.main([str(good), str(bad)]) == 2
+        assert error in capsys.readouterr().err
