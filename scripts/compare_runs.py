@@ -60,31 +60,20 @@ def last_environment(run: Path) -> dict | None:
 
 def compare(a: dict[tuple[str, int], float], b: dict[tuple[str, int], float], order: list[str],
             tol: float = 0.0) -> dict:
-    """Shared steps in stage order (the order stages first appear in), the first that differs."""
+    """Shared steps in stage order (`order`: the stages as the run logged them), the first that
+    differs by more than `tol`, and the largest difference."""
     rank = {s: i for i, s in enumerate(order)}
     shared = sorted(set(a) & set(b), key=lambda k: (rank.get(k[0], len(rank)), k[1]))
     first, worst = None, (0.0, None)
     for k in shared:
-        d = abs(a[k] - b[k]) if not (math.isnan(a[k]) and math.isnan(b[k])) else 0.0
+        nans = math.isnan(a[k]) + math.isnan(b[k])  # NaN against a number differs; NaN against NaN not
+        d = abs(a[k] - b[k]) if nans == 0 else (math.inf if nans == 1 else 0.0)
         if d > tol and first is None:
             first = k
         if d > worst[0]:
             worst = (d, k)
     return {"shared": len(shared), "first": first, "max_diff": worst[0], "max_at": worst[1],
             "last": shared[-1] if shared else None}
-
-
-def _stage_order(run: Path) -> list[str]:
-    path = run / METRICS if run.is_dir() else run
-    seen: list[str] = []
-    for line in path.read_text().splitlines():
-        try:
-            s = json.loads(line).get("stage")
-        except (ValueError, AttributeError):
-            continue
-        if s is not None and str(s) not in seen:
-            seen.append(str(s))
-    return seen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage:
         a = {k: v for k, v in a.items() if k[0] in args.stage}
         b = {k: v for k, v in b.items() if k[0] in args.stage}
-    r = compare(a, b, _stage_order(args.a), args.tol)
+    r = compare(a, b, list(dict.fromkeys(stage for stage, _ in a)), args.tol)  # A's logging order
     if r["shared"] == 0:
         print(f"error: the runs share no logged step with {args.key!r}", file=sys.stderr)
         return 2

@@ -52,6 +52,13 @@ def test_first_difference_in_stage_order_and_environment(tmp_path, capsys):
     assert "first difference: z step 20: 2.0 vs 2.5" in out
     assert "largest difference 3 at b step 20" in out
     assert "cpu_capability: 'AVX512' -> 'AVX2'" in out
+    # a NaN against a number is a difference (NaN against NaN is not)
+    nan = float("nan")
+    c = _run(tmp_path / "c", _rows([1.0, nan]))
+    assert cr.main([str(c), str(_run(tmp_path / "d", _rows([1.0, 2.0])))]) == 1
+    assert "first difference: s step 20: nan vs 2.0" in capsys.readouterr().out
+    assert cr.main([str(c), str(_run(tmp_path / "e", _rows([1.0, nan])))]) == 0
+    capsys.readouterr()
     # a tolerance and a stage filter
     assert cr.main([str(a), str(b), "--tol", "0.6", "--stage", "z"]) == 0
     assert "equal at every shared step (tolerance 0.6)" in capsys.readouterr().out

@@ -69,13 +69,13 @@ def _commit() -> str | None:
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         return None
-    return (sha + "-dirty" if dirty else sha) or None
+    return sha + "-dirty" if dirty else sha
 
 
 def describe(device: torch.device | str, bf16: bool, processes: int = 1) -> dict:
     """This process's environment, as recorded in environment.json."""
     device = torch.device(device)
-    info = {
+    return {
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu": cpu_name(),
@@ -88,7 +88,6 @@ def describe(device: torch.device | str, bf16: bool, processes: int = 1) -> dict
         "python": platform.python_version(),
         "commit": _commit(),
     }
-    return info
 
 
 def differences(before: dict, now: dict) -> list[str]:
