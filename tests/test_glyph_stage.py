@@ -157,7 +157,9 @@ def test_tiny_mgm_recipe_runs_every_stage(tmp_path):
     assert [s.lr_scale for s in st] == [{}] * 5 + [{"vision": 0.1}]
     assert st[2].contrastive.pool == "max" and st[2].data.synth.tasks == ["glyphs"]
     assert (st[3].glyph.read, st[4].glyph.read, st[4].glyph.keep_weight) == ("mined", "projector", 1.0)
-    assert all(s.data.synth.image_size == recipe.model.vision_aux.image_size == 96 for s in st[1:])
+    # the LR-only stage at the 128 px its LR tower was pretrained on; every HR stage at the HR tower's size
+    assert st[0].data.synth.image_size == st[1].data.synth.image_size == 128
+    assert all(s.data.synth.image_size == recipe.model.vision_aux.image_size == 96 for s in st[2:])
     assert recipe.model.connector.type == "patch_mining" and recipe.model.connector.pool == 2
     overrides = [
         f"training.output_dir={tmp_path / 'run'}", "training.bf16='off'",
